@@ -1,0 +1,310 @@
+"""Typed configuration: dataclass schemas registered in Hydra's ConfigStore.
+
+Schema in Python, values in YAML (`conf/`). `OmegaConf.to_object` turns a composed config into these
+dataclasses and runs every `__post_init__`, so type errors, unknown keys and invalid values fail at
+composition time, before any work starts. This is the only module that knows Hydra's config groups.
+
+OmegaConf 2.3 needs `typing.Optional/List/Dict` in structured configs, hence the older spelling below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf structured configs need these
+
+from omegaconf import MISSING
+
+from viseg.errors import ConfigError
+from viseg.schedulers import METRIC_SCHEDULERS, SCHEDULERS
+
+OPTIMIZERS = ("SGD", "AdamW")
+
+
+@dataclass
+class LRSchedulerConfig:
+    type: str = MISSING  # a key of viseg.schedulers.SCHEDULERS, never an import path
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    monitor: Optional[str] = None  # metric stepped on by ReduceLROnPlateau-style schedulers
+
+    def __post_init__(self) -> None:
+        if self.type not in SCHEDULERS:
+            raise ConfigError(
+                f"lr_scheduler.type={self.type!r} is not a registered scheduler",
+                fix=f"use one of {sorted(SCHEDULERS)} (or pick lr_scheduler=step_lr|poly|cosine|plateau)",
+            )
+        if self.type in METRIC_SCHEDULERS and not self.monitor:
+            raise ConfigError(
+                f"lr_scheduler.type={self.type} steps on a metric but lr_scheduler.monitor is empty",
+                fix="set lr_scheduler.monitor, e.g. lr_scheduler.monitor=val/loss",
+            )
+
+
+@dataclass
+class NetworkArgs:
+    """Network topology. Every value is derived by the planner and written back from plans.json.
+
+    The YAML leaves them empty; setting one by hand is rejected (see `reject_derived_overrides`),
+    because patch size, strides, kernel sizes and stage count only make sense together.
+    """
+
+    conv_dim: int = 3
+    n_stages: Optional[int] = None
+    features_per_stage: Optional[List[int]] = None
+    kernel_sizes: Optional[List[List[int]]] = None
+    strides: Optional[List[List[int]]] = None
+    n_conv_per_stage: Optional[List[int]] = None  # residual encoders: residual blocks per stage
+    n_conv_per_stage_decoder: Optional[List[int]] = None
+    deep_supervision: bool = True  # a training choice, not derived: may be overridden
+
+    def __post_init__(self) -> None:
+        if self.conv_dim not in (2, 3):
+            raise ConfigError(f"model.model_args.conv_dim must be 2 or 3, got {self.conv_dim}")
+
+
+@dataclass
+class PlainConvUnet3DArgs(NetworkArgs):
+    conv_dim: int = 3
+
+
+@dataclass
+class PlainConvUnet2DArgs(NetworkArgs):
+    conv_dim: int = 2
+
+
+@dataclass
+class ResEncUnet3DArgs(NetworkArgs):
+    conv_dim: int = 3
+
+
+@dataclass
+class ModelConfig:
+    model_cls: str = MISSING  # a key of viseg.networks.ARCHITECTURES
+    model_args: NetworkArgs = field(default_factory=NetworkArgs)
+
+    def __post_init__(self) -> None:
+        from viseg.networks import ARCHITECTURES
+
+        if self.model_cls not in ARCHITECTURES:
+            raise ConfigError(
+                f"model.model_cls={self.model_cls!r} is not a registered architecture",
+                fix=f"use one of {sorted(ARCHITECTURES)} (or pick model=plain_conv_unet_3d|...)",
+            )
+
+
+@dataclass
+class PlainConvUnet3DConfig(ModelConfig):
+    model_cls: str = "PlainConvUNet"
+    model_args: NetworkArgs = field(default_factory=PlainConvUnet3DArgs)
+
+
+@dataclass
+class PlainConvUnet2DConfig(ModelConfig):
+    model_cls: str = "PlainConvUNet"
+    model_args: NetworkArgs = field(default_factory=PlainConvUnet2DArgs)
+
+
+@dataclass
+class ResEncUnet3DConfig(ModelConfig):
+    """nnU-Net's recommended residual-encoder U-Net (ResEnc M at the default 8 GB target)."""
+
+    model_cls: str = "ResidualEncoderUNet"
+    model_args: NetworkArgs = field(default_factory=ResEncUnet3DArgs)
+
+
+@dataclass
+class DatasetConfig:
+    basepath: Optional[str] = None  # None: the built-in demo dataset, generated on first use
+    pathfinder: str = "nnunet"  # a key of viseg.data.pathfinders.PATHFINDERS
+    img_foldername: str = "imagesTr"
+    seg_foldername: str = "labelsTr"
+
+
+@dataclass
+class PathsConfig:
+    cache: str = ".viseg_cache"  # fingerprints, plans, splits, preprocessed arrays, the demo dataset
+    results: str = "results"  # run folders
+
+
+@dataclass
+class PlannerConfig:
+    gpu_memory_gb: float = 8.0  # nnU-Net's reference target; raise it like the ResEnc L/XL presets
+
+    def __post_init__(self) -> None:
+        if not self.gpu_memory_gb > 0:
+            raise ConfigError(f"plan.gpu_memory_gb must be positive, got {self.gpu_memory_gb}")
+
+
+@dataclass
+class SplitsConfig:
+    n_folds: int = 5
+    seed: int = 12345  # nnU-Net's seed: the same ids give nnU-Net's splits_final.json
+    group_pattern: Optional[str] = None  # regex whose first group names a patient, e.g. '(patient\d+)'
+
+    def __post_init__(self) -> None:
+        if self.n_folds < 2:
+            raise ConfigError(f"splits.n_folds must be at least 2, got {self.n_folds}")
+
+
+@dataclass
+class OptimizerConfig:
+    type: str = "SGD"
+    lr: float = 0.01
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+    nesterov: bool = True
+
+    def __post_init__(self) -> None:
+        if self.type not in OPTIMIZERS:
+            raise ConfigError(f"optimizer.type={self.type!r} is not supported", fix=f"use one of {OPTIMIZERS}")
+        if not self.lr > 0:
+            raise ConfigError(f"optimizer.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 1000
+    iterations_per_epoch: int = 250
+    val_iterations: int = 50
+    gradient_clip_val: float = 12.0
+    precision: str = "auto"  # bf16 autocast on GPU, fp32 on CPU
+
+    def __post_init__(self) -> None:
+        for key in ("max_epochs", "iterations_per_epoch", "val_iterations"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key} must be at least 1, got {getattr(self, key)}")
+
+
+@dataclass
+class SamplingConfig:
+    oversample_foreground_percent: float = 0.33  # nnU-Net: a third of each batch centred on foreground
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.oversample_foreground_percent <= 1.0:
+            raise ConfigError(
+                "sampling.oversample_foreground_percent must lie in [0, 1], "
+                f"got {self.oversample_foreground_percent}"
+            )
+
+
+@dataclass
+class LossConfig:
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    class_weights: Optional[List[float]] = None  # cross-entropy weights, background first
+
+
+# Plan values a user may set (the planner keeps them consistent) and values that are always derived.
+PLAN_OVERRIDE_KEYS = ("patch_size", "spacing", "batch_size", "transpose_forward", "transpose_backward")
+DERIVED_TOP_LEVEL_KEYS = ("num_channels", "num_classes")
+DERIVED_NETWORK_KEYS = (
+    "n_stages",
+    "features_per_stage",
+    "kernel_sizes",
+    "strides",
+    "n_conv_per_stage",
+    "n_conv_per_stage_decoder",
+)
+
+
+@dataclass
+class BaseConfig:
+    """The full training configuration. After planning, the plan-derived values are filled in and the
+    result is saved as the run's `config.yaml`, so a run folder describes itself completely."""
+
+    name: str = "anatomy"  # names the run folder together with dataset, plan and fold
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = MISSING
+    lr_scheduler: LRSchedulerConfig = MISSING
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    plan: PlannerConfig = field(default_factory=PlannerConfig)
+    splits: SplitsConfig = field(default_factory=SplitsConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    fold: int = 0
+    seed: int = 12345
+    devices: Any = "auto"
+    num_processes: Optional[int] = None  # worker processes for verify/fingerprint/preprocess; None = all cores
+
+    # Dataset-dependent values (training docs' table). Left empty they are planned from the data.
+    foreground_labels: Optional[List[int]] = None
+    patch_size: Optional[List[int]] = None  # an initial size: snapped to the closest valid one
+    spacing: Optional[List[float]] = None  # target spacing in the network's (transposed) axis order
+    batch_size: Optional[int] = None
+    transpose_forward: Optional[List[int]] = None
+    transpose_backward: Optional[List[int]] = None
+    num_channels: Optional[int] = None  # derived from dataset.json
+    num_classes: Optional[int] = None  # derived: len(foreground_labels) + 1
+
+    continue_from: Optional[str] = None  # a run folder to resume (replaces ClearML's continue_task_id)
+
+    def __post_init__(self) -> None:
+        self._check_fold()
+        self._check_plan_values()
+
+    def _check_fold(self) -> None:
+        if not 0 <= self.fold < self.splits.n_folds:
+            raise ConfigError(
+                f"fold={self.fold} is out of range for splits.n_folds={self.splits.n_folds}",
+                fix=f"use a fold in 0..{self.splits.n_folds - 1}",
+            )
+
+    def _check_plan_values(self) -> None:
+        if self.foreground_labels is not None:
+            labels = list(self.foreground_labels)
+            if not labels or any(v <= 0 for v in labels) or len(set(labels)) != len(labels):
+                raise ConfigError(
+                    f"foreground_labels={labels} must be distinct positive label values",
+                    fix="list the dataset.json label values to predict, e.g. foreground_labels=[1,2]",
+                )
+        if self.patch_size is not None and any(v < 1 for v in self.patch_size):
+            raise ConfigError(f"patch_size={list(self.patch_size)} must contain positive integers")
+        if self.spacing is not None and any(not v > 0 for v in self.spacing):
+            raise ConfigError(f"spacing={list(self.spacing)} must contain positive values (mm)")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
+        for key in ("transpose_forward", "transpose_backward"):
+            value = getattr(self, key)
+            if value is not None and sorted(value) != [0, 1, 2]:
+                raise ConfigError(f"{key}={list(value)} must be a permutation of [0, 1, 2]")
+        forward, backward = self.transpose_forward, self.transpose_backward
+        if forward is not None and backward is not None and [forward[i] for i in backward] != [0, 1, 2]:
+            raise ConfigError(
+                f"transpose_forward={list(forward)} and transpose_backward={list(backward)} are not inverse",
+                fix="set only transpose_forward; transpose_backward is updated with it",
+            )
+
+
+def reject_derived_overrides(cfg: BaseConfig) -> None:
+    """Fail if a freshly composed config sets a value that only the planner may derive."""
+    offending = [key for key in DERIVED_TOP_LEVEL_KEYS if getattr(cfg, key) is not None]
+    offending += [
+        f"model.model_args.{key}"
+        for key in DERIVED_NETWORK_KEYS
+        if getattr(cfg.model.model_args, key) is not None
+    ]
+    if offending:
+        raise ConfigError(
+            f"{', '.join(offending)} cannot be set: derived from the dataset and the plan",
+            fix="remove the override; to change the network, override patch_size, spacing or "
+            "plan.gpu_memory_gb and let the planner derive a consistent topology",
+        )
+
+
+MODEL_OPTIONS: dict[str, type[ModelConfig]] = {
+    "plain_conv_unet_3d": PlainConvUnet3DConfig,
+    "plain_conv_unet_2d": PlainConvUnet2DConfig,
+    "residual_encoder_unet_3d": ResEncUnet3DConfig,
+}
+
+
+def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore. Called by each `main()`, never at import time."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=BaseConfig)
+    for name, node in MODEL_OPTIONS.items():
+        store.store(group="model", name=name, node=node)
+    store.store(group="lr_scheduler", name="base_lr_scheduler", node=LRSchedulerConfig)
