@@ -10,7 +10,7 @@ OmegaConf 2.3 needs `typing.Optional/List/Dict` in structured configs, hence the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf structured configs need these
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -23,8 +23,8 @@ OPTIMIZERS = ("SGD", "AdamW")
 @dataclass
 class LRSchedulerConfig:
     type: str = MISSING  # a key of viseg.schedulers.SCHEDULERS, never an import path
-    kwargs: Dict[str, Any] = field(default_factory=dict)
-    monitor: Optional[str] = None  # metric stepped on by ReduceLROnPlateau-style schedulers
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    monitor: str | None = None  # metric stepped on by ReduceLROnPlateau-style schedulers
 
     def __post_init__(self) -> None:
         if self.type not in SCHEDULERS:
@@ -48,12 +48,12 @@ class NetworkArgs:
     """
 
     conv_dim: int = 3
-    n_stages: Optional[int] = None
-    features_per_stage: Optional[List[int]] = None
-    kernel_sizes: Optional[List[List[int]]] = None
-    strides: Optional[List[List[int]]] = None
-    n_conv_per_stage: Optional[List[int]] = None  # residual encoders: residual blocks per stage
-    n_conv_per_stage_decoder: Optional[List[int]] = None
+    n_stages: int | None = None
+    features_per_stage: list[int] | None = None
+    kernel_sizes: list[list[int]] | None = None
+    strides: list[list[int]] | None = None
+    n_conv_per_stage: list[int] | None = None  # residual encoders: residual blocks per stage
+    n_conv_per_stage_decoder: list[int] | None = None
     deep_supervision: bool = True  # a training choice, not derived: may be overridden
 
     def __post_init__(self) -> None:
@@ -113,7 +113,7 @@ class ResEncUnet3DConfig(ModelConfig):
 
 @dataclass
 class DatasetConfig:
-    basepath: Optional[str] = None  # None: the built-in demo dataset, generated on first use
+    basepath: str | None = None  # None: the built-in demo dataset, generated on first use
     pathfinder: str = "nnunet"  # a key of viseg.data.pathfinders.PATHFINDERS
     img_foldername: str = "imagesTr"
     seg_foldername: str = "labelsTr"
@@ -138,7 +138,7 @@ class PlannerConfig:
 class SplitsConfig:
     n_folds: int = 5
     seed: int = 12345  # nnU-Net's seed: the same ids give nnU-Net's splits_final.json
-    group_pattern: Optional[str] = None  # regex whose first group names a patient, e.g. '(patient\d+)'
+    group_pattern: str | None = None  # regex whose first group names a patient, e.g. '(patient\d+)'
 
     def __post_init__(self) -> None:
         if self.n_folds < 2:
@@ -190,7 +190,7 @@ class SamplingConfig:
 class LossConfig:
     dice_weight: float = 1.0
     ce_weight: float = 1.0
-    class_weights: Optional[List[float]] = None  # cross-entropy weights, background first
+    class_weights: list[float] | None = None  # cross-entropy weights, background first
 
 
 # Plan values a user may set (the planner keeps them consistent) and values that are always derived.
@@ -225,19 +225,19 @@ class BaseConfig:
     fold: int = 0
     seed: int = 12345
     devices: Any = "auto"
-    num_processes: Optional[int] = None  # worker processes for verify/fingerprint/preprocess; None = all cores
+    num_processes: int | None = None  # worker processes for verify/fingerprint/preprocess; None = all cores
 
     # Dataset-dependent values (training docs' table). Left empty they are planned from the data.
-    foreground_labels: Optional[List[int]] = None
-    patch_size: Optional[List[int]] = None  # an initial size: snapped to the closest valid one
-    spacing: Optional[List[float]] = None  # target spacing in the network's (transposed) axis order
-    batch_size: Optional[int] = None
-    transpose_forward: Optional[List[int]] = None
-    transpose_backward: Optional[List[int]] = None
-    num_channels: Optional[int] = None  # derived from dataset.json
-    num_classes: Optional[int] = None  # derived: len(foreground_labels) + 1
+    foreground_labels: list[int] | None = None
+    patch_size: list[int] | None = None  # an initial size: snapped to the closest valid one
+    spacing: list[float] | None = None  # target spacing in the network's (transposed) axis order
+    batch_size: int | None = None
+    transpose_forward: list[int] | None = None
+    transpose_backward: list[int] | None = None
+    num_channels: int | None = None  # derived from dataset.json
+    num_classes: int | None = None  # derived: len(foreground_labels) + 1
 
-    continue_from: Optional[str] = None  # a run folder to resume (replaces ClearML's continue_task_id)
+    continue_from: str | None = None  # a run folder to resume (replaces ClearML's continue_task_id)
 
     def __post_init__(self) -> None:
         self._check_fold()

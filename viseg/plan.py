@@ -344,3 +344,15 @@ def make_plans(fingerprint: Fingerprint, settings: PlannerSettings) -> Plans:
         planner=planner,
         configurations=configurations,
     )
+
+
+def main() -> None:
+    """`python -m viseg.plan`: verify, fingerprint and plan a dataset, then print the plan."""
+    from viseg.cli import run_app
+    from viseg.plan_report import plan_command
+
+    run_app(plan_command, app="plan")
+
+
+if __name__ == "__main__":
+    main()

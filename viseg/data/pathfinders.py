@@ -9,6 +9,7 @@ verification can report all of them at once.
 from __future__ import annotations
 
 import json
+import os
 import re
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -246,8 +247,9 @@ class DecathlonPathFinder(PathFinder):
             self._problem("dataset-json", f"path entry {relative!r} is not a string", "use './imagesTr/x.nii.gz'",
                           case=case, file=self.basepath / DATASET_JSON)
             return None
-        root = self.basepath.resolve()
-        path = (root / relative).resolve()
+        # Lexical, not resolve(): files linked in from shared storage are inside the dataset all the same.
+        root = Path(os.path.abspath(self.basepath))
+        path = Path(os.path.normpath(root / relative))
         if path != root and root not in path.parents:
             self._problem("path-escape", f"{relative!r} points outside the dataset folder",
                           "keep every file inside the dataset folder", case=case, file=self.basepath / DATASET_JSON)

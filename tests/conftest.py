@@ -1,0 +1,43 @@
+"""Shared fixtures: where ../shared lives, and real datasets generated on demand (session-scoped)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    """The project's shared folder (../shared beside the checkout; VISEG_SHARED overrides)."""
+    return Path(os.environ.get("VISEG_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    path = shared_dir()
+    if not (path / "reference").is_dir():
+        pytest.fail(f"shared folder not found at {path}; set VISEG_SHARED")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_reference_dataset(shared: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Generate nnU-Net's synthetic reference datasets with the reference script (deterministic)."""
+    made: dict[str, Path] = {}
+
+    def make(variant: str) -> Path:
+        if variant not in made:
+            dataset_id = {"aniso": 901, "iso": 902}[variant]
+            out = tmp_path_factory.mktemp(f"synth_{variant}")
+            subprocess.run([sys.executable, str(shared / "reference" / "make_synthetic.py"), "--out", str(out),
+                            "--variant", variant, "--seed", "0", "--dataset-id", str(dataset_id)],
+                           check=True, capture_output=True)
+            made[variant] = next(out.glob(f"Dataset{dataset_id}_*"))
+        return made[variant]
+
+    return make

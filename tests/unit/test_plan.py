@@ -1,0 +1,137 @@
+"""The planner: nnU-Net parity from nnU-Net's own fingerprints, and how overrides are applied."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.parity import configuration_differences, fingerprint_from_reference, load_json
+from viseg.errors import ConfigError
+from viseg.plan import PlannerSettings, get_pool_and_conv_props, make_plans
+from viseg.plans import Plans
+
+REFERENCES = ["acdc", "synth_aniso", "synth_iso"]
+
+
+@pytest.fixture(scope="module")
+def plans_by_reference(shared: Path) -> dict[str, tuple[Plans, dict]]:
+    result = {}
+    for name in REFERENCES:
+        plans = make_plans(fingerprint_from_reference(shared, name), PlannerSettings())
+        result[name] = (plans, load_json(shared / "reference" / name / "nnUNetPlans.json"))
+    return result
+
+
+@pytest.mark.parametrize("name", REFERENCES)
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_plan_matches_nnunet(plans_by_reference, name: str, configuration: str):
+    plans, reference = plans_by_reference[name]
+    diffs = configuration_differences(plans.configuration(configuration),
+                                      reference["configurations"][configuration])
+    assert diffs == {}
+
+
+@pytest.mark.parametrize("name", REFERENCES)
+def test_transpose_and_medians_match_nnunet(plans_by_reference, name: str):
+    plans, reference = plans_by_reference[name]
+    assert list(plans.transpose_forward) == reference["transpose_forward"]
+    assert list(plans.transpose_backward) == reference["transpose_backward"]
+    assert np.allclose(plans.original_median_spacing_after_transp, reference["original_median_spacing_after_transp"])
+    assert list(plans.original_median_shape_after_transp) == reference["original_median_shape_after_transp"]
+
+
+def test_plans_round_trip_through_json(plans_by_reference, tmp_path: Path):
+    plans, _ = plans_by_reference["acdc"]
+    plans.save(tmp_path / "plans.json")
+    assert Plans.load(tmp_path / "plans.json") == plans
+
+
+def test_old_schema_is_refused(plans_by_reference, tmp_path: Path):
+    plans, _ = plans_by_reference["acdc"]
+    data = plans.to_dict() | {"schema_version": 0}
+    (tmp_path / "plans.json").write_text(__import__("json").dumps(data))
+    with pytest.raises(ConfigError, match="schema_version"):
+        Plans.load(tmp_path / "plans.json")
+
+
+def _acdc(shared: Path, **settings) -> Plans:
+    return make_plans(fingerprint_from_reference(shared, "acdc"), PlannerSettings(**settings))
+
+
+def _divisible(plan) -> bool:
+    divisor = np.prod(np.array(plan.network.strides), axis=0)
+    return all(p % d == 0 for p, d in zip(plan.patch_size, divisor))
+
+
+@pytest.mark.parametrize("requested", [(10, 250, 230), (8, 100, 100), (12, 129, 97), (5, 64, 64)])
+def test_patch_size_override_snaps_to_closest_valid(shared: Path, requested):
+    plan = _acdc(shared, patch_size=requested).configuration("3d_fullres")
+    assert _divisible(plan)
+    divisor = np.prod(np.array(plan.network.strides), axis=0)
+    assert all(abs(p - r) <= d / 2 + 1e-9 or p == d for p, r, d in zip(plan.patch_size, requested, divisor))
+    # the topology is the one nnU-Net's rules derive for the snapped patch
+    strides, kernels, patch, _ = get_pool_and_conv_props(plan.spacing, plan.patch_size, 4)
+    assert strides == plan.network.strides and kernels == plan.network.kernel_sizes
+    assert tuple(patch) == plan.patch_size
+
+
+def test_patch_size_override_only_touches_the_trained_configuration(shared: Path):
+    default, overridden = _acdc(shared), _acdc(shared, patch_size=(8, 96, 96))
+    assert overridden.configuration("3d_fullres").patch_size == (8, 96, 96)
+    assert overridden.configuration("3d_fullres").batch_size > default.configuration("3d_fullres").batch_size
+    assert overridden.configuration("2d") == default.configuration("2d")
+
+
+def test_patch_size_with_wrong_dimensionality_is_an_error(shared: Path):
+    with pytest.raises(ConfigError, match="needs 3"):
+        _acdc(shared, patch_size=(128, 128))
+
+
+def test_batch_size_override(shared: Path):
+    assert _acdc(shared, batch_size=3).configuration("3d_fullres").batch_size == 3
+
+
+def test_spacing_override_changes_target_and_topology(shared: Path):
+    plan = _acdc(shared, spacing=(5.0, 1.5625, 1.5625)).configuration("3d_fullres")
+    assert plan.spacing == (5.0, 1.5625, 1.5625)
+    assert plan.median_image_size_in_voxels[0] == pytest.approx(2 * 9, abs=2)
+    assert _divisible(plan)
+
+
+def test_transpose_override_updates_backward(shared: Path):
+    plans = _acdc(shared, transpose_forward=(2, 0, 1))
+    assert plans.transpose_forward == (2, 0, 1) and plans.transpose_backward == (1, 2, 0)
+    assert plans.configuration("3d_fullres").spacing == (1.5625, 10.0, 1.5625)
+
+
+def test_foreground_labels_restrict_classes(shared: Path):
+    plans = _acdc(shared, foreground_labels=(3,))
+    assert plans.foreground_labels == (3,) and plans.num_classes == 2
+    with pytest.raises(ConfigError, match=r"\[7\]"):
+        _acdc(shared, foreground_labels=(7,))
+
+
+def test_larger_gpu_target_gives_larger_patches_or_batches(shared: Path):
+    small = make_plans(fingerprint_from_reference(shared, "synth_iso"), PlannerSettings())
+    large = make_plans(fingerprint_from_reference(shared, "synth_iso"), PlannerSettings(gpu_memory_gb=24))
+    s, b = small.configuration("3d_fullres"), large.configuration("3d_fullres")
+    assert np.prod(b.patch_size) * b.batch_size > np.prod(s.patch_size) * s.batch_size
+    assert large.planner["gpu_memory_gb"] == 24
+
+
+def test_residual_encoder_plan_uses_resenc_blocks(shared: Path):
+    plan = _acdc(shared, architecture="ResidualEncoderUNet").configuration("3d_fullres")
+    assert plan.network.architecture == "ResidualEncoderUNet"
+    assert plan.network.n_conv_per_stage == (1, 3, 4, 6, 6, 6)[: plan.network.n_stages]
+    assert set(plan.network.n_conv_per_stage_decoder) == {1}
+    assert _divisible(plan)
+
+
+def test_planning_is_pure(shared: Path):
+    fingerprint = fingerprint_from_reference(shared, "synth_aniso")
+    before = dataclasses.asdict(fingerprint)
+    assert make_plans(fingerprint, PlannerSettings()) == make_plans(fingerprint, PlannerSettings())
+    assert dataclasses.asdict(fingerprint) == before

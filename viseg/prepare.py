@@ -1,0 +1,187 @@
+"""From a config to a verified, fingerprinted and planned dataset, cached on disk.
+
+Cache layout (all under `paths.cache`):
+
+    <DatasetName>-<path hash>/
+        verification.json      passed verification of this exact dataset state
+        fingerprint.json       reused while the dataset signature is unchanged
+        plans/<architecture>-<configuration>-<settings hash>/
+            plans.json         the contract read by preprocessing, training and inference
+            splits.json        cross-validation folds (nnU-Net-compatible)
+            dataset.json       copy of the raw dataset.json
+
+Nothing is written for a dataset that fails verification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from viseg.config import BaseConfig
+from viseg.data.dataset import Case, DatasetInfo, Discovery
+from viseg.data.pathfinders import get_pathfinder
+from viseg.data.splits import Split, load_user_splits, make_splits, save_splits
+from viseg.errors import DatasetError
+from viseg.fingerprint import Fingerprint, extract_fingerprint
+from viseg.jsonio import read_json, write_json_atomic
+from viseg.plan import CONFIGURATION_BY_DIM, PlannerSettings, inverse_permutation, make_plans
+from viseg.plans import Plans
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedDataset:
+    info: DatasetInfo
+    cases: list[Case]
+    fingerprint: Fingerprint
+    fingerprint_reused: bool
+    plans: Plans
+    plans_dir: Path
+    splits: list[Split]
+    configuration: str
+
+    @property
+    def plans_path(self) -> Path:
+        return self.plans_dir / "plans.json"
+
+
+def dataset_root(cfg: BaseConfig, progress: bool = True) -> Path:
+    """The configured dataset folder, or the built-in demo dataset (generated on first use)."""
+    if cfg.dataset.basepath:
+        return Path(cfg.dataset.basepath).expanduser()
+    from viseg.demo import ensure_demo_dataset
+
+    return ensure_demo_dataset(Path(cfg.paths.cache), progress=progress)
+
+
+def discover(cfg: BaseConfig, progress: bool = True) -> Discovery:
+    finder = get_pathfinder(cfg.dataset.pathfinder, dataset_root(cfg, progress), cfg.dataset.img_foldername,
+                            cfg.dataset.seg_foldername)
+    return finder.discover()
+
+
+def dataset_signature(info: DatasetInfo, cases: list[Case]) -> str:
+    """Changes whenever dataset.json or any case file is added, removed, resized or touched."""
+    digest = hashlib.sha256(info.dataset_json.read_bytes())
+    for case in cases:
+        for path in case.files():
+            stat = path.stat()
+            digest.update(f"{case.case_id}|{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def dataset_cache_dir(cache_root: Path, info: DatasetInfo) -> Path:
+    safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", info.name).strip("_") or "dataset"
+    path_hash = hashlib.sha256(str(info.root.resolve()).encode()).hexdigest()[:8]
+    return Path(cache_root) / f"{safe_name}-{path_hash}"
+
+
+def verify_or_raise(discovery: Discovery, cache_dir: Path, signature: str, num_processes: int | None,
+                    progress: bool = True) -> None:
+    """Verify once per dataset state; a failing dataset raises with the full report and writes nothing."""
+    from viseg.data.verify import verify_dataset
+
+    marker = cache_dir / "verification.json"
+    if marker.is_file() and read_json(marker).get("dataset_signature") == signature:
+        log.info("dataset unchanged since it last passed verification (%s)", marker)
+        return
+    report = verify_dataset(discovery, num_processes=num_processes, progress=progress)
+    if not report.ok:
+        raise DatasetError(report.render(), fix="fix the problems above, then run again")
+    if report.warnings:
+        log.warning(report.render())
+    write_json_atomic(marker, {"dataset_signature": signature, "report": report.to_dict()})
+
+
+def load_or_extract_fingerprint(info: DatasetInfo, cases: list[Case], cache_dir: Path, signature: str,
+                                num_processes: int | None, progress: bool = True) -> tuple[Fingerprint, bool]:
+    path = cache_dir / "fingerprint.json"
+    if path.is_file():
+        try:
+            cached = Fingerprint.load(path)
+            if cached.dataset_signature == signature:
+                return cached, True
+        except (TypeError, KeyError, ValueError, json.JSONDecodeError):
+            log.warning("ignoring unreadable cached fingerprint %s; recomputing", path)
+    fingerprint = extract_fingerprint(info, cases, num_processes=num_processes, progress=progress,
+                                      signature=signature)
+    fingerprint.save(path)
+    return fingerprint, False
+
+
+def planner_settings(cfg: BaseConfig) -> PlannerSettings:
+    forward = cfg.transpose_forward
+    if forward is None and cfg.transpose_backward is not None:
+        forward = list(inverse_permutation(cfg.transpose_backward))
+
+    def tup(value: list | None) -> tuple | None:
+        return tuple(value) if value is not None else None
+
+    return PlannerSettings(
+        architecture=cfg.model.model_cls,
+        gpu_memory_gb=float(cfg.plan.gpu_memory_gb),
+        configuration=CONFIGURATION_BY_DIM[cfg.model.model_args.conv_dim],
+        foreground_labels=tup(cfg.foreground_labels),
+        patch_size=tup(cfg.patch_size),
+        spacing=tup(cfg.spacing),
+        batch_size=cfg.batch_size,
+        transpose_forward=tup(forward),
+    )
+
+
+def plans_dir_for(cache_dir: Path, settings: PlannerSettings) -> Path:
+    key = json.dumps(asdict(settings), sort_keys=True, default=list)
+    return cache_dir / "plans" / (
+        f"{settings.architecture}-{settings.configuration}-{hashlib.sha256(key.encode()).hexdigest()[:8]}")
+
+
+def _splits(cfg: BaseConfig, info: DatasetInfo, case_ids: list[str]) -> list[Split]:
+    shipped = info.root / "splits_final.json"
+    if shipped.is_file() and not cfg.splits.group_pattern:
+        return load_user_splits(shipped, case_ids)
+    return make_splits(case_ids, cfg.splits.n_folds, cfg.splits.seed, cfg.splits.group_pattern)
+
+
+def _write_once(plans_dir: Path, plans: Plans, splits: list[Split], info: DatasetInfo) -> None:
+    """plans.json is a contract: rewrite it only if its content would change (it never should for the
+    same fingerprint and settings), so runs reading it are never disturbed."""
+    path = plans_dir / "plans.json"
+    try:
+        unchanged = path.is_file() and Plans.load(path) == plans
+    except (KeyError, TypeError, ValueError):
+        unchanged = False
+    if not unchanged:
+        plans.save(path)
+    save_splits(plans_dir / "splits.json", splits)
+    shutil.copyfile(info.dataset_json, plans_dir / "dataset.json")
+
+
+def prepare(cfg: BaseConfig, progress: bool = True) -> PreparedDataset:
+    """Verify, fingerprint and plan (each only when its inputs changed) and write the plan folder."""
+    discovery = discover(cfg, progress)
+    if discovery.info is None or any(p.severity == "error" for p in discovery.problems):
+        from viseg.data.verify import VerificationReport
+
+        name = discovery.info.name if discovery.info else str(dataset_root(cfg, progress))
+        report = VerificationReport(dataset=name, n_cases=len(discovery.cases), problems=discovery.problems)
+        raise DatasetError(report.render(), fix="fix the problems above, then run again")
+    info, cases = discovery.info, discovery.cases
+    cache_dir = dataset_cache_dir(Path(cfg.paths.cache), info)
+    signature = dataset_signature(info, cases)
+    verify_or_raise(discovery, cache_dir, signature, cfg.num_processes, progress)
+    fingerprint, reused = load_or_extract_fingerprint(info, cases, cache_dir, signature, cfg.num_processes,
+                                                      progress)
+    settings = planner_settings(cfg)
+    plans = make_plans(fingerprint, settings)
+    plans_dir = plans_dir_for(cache_dir, settings)
+    splits = _splits(cfg, info, [c.case_id for c in cases])
+    _write_once(plans_dir, plans, splits, info)
+    return PreparedDataset(info=info, cases=cases, fingerprint=fingerprint, fingerprint_reused=reused,
+                           plans=plans, plans_dir=plans_dir, splits=splits, configuration=settings.configuration)
