@@ -18,8 +18,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
+# The main job. Until the sweep layer lands it runs everything that exists, on the built-in demo
+# dataset: generate it, verify it, then plan it for the anatomy and the lesion configuration.
 demo: $(STAMP)
-	$(PY) -m viseg.demo_job
+	$(PY) -m viseg.verify
+	$(PY) -m viseg.plan
+	$(PY) -m viseg.plan --config-name=lesion_config
 
 test: $(STAMP)
 	$(PY) -m ruff check .
