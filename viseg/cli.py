@@ -53,6 +53,26 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
 
 
+_FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd",
+                     "--experimental-rerun"}
+
+
+def with_app_help(argv: list[str], app: str) -> list[str]:
+    """argv with `hydra/help=<app>` placed next to the user's overrides: Hydra's parser needs all
+    overrides in one run, whether they come before or after `--config-name`."""
+    args = argv[1:]
+    position, skip_next = len(args), False
+    for index, arg in enumerate(args):
+        if skip_next:
+            skip_next = False
+        elif arg in _FLAGS_WITH_VALUE:
+            skip_next = True
+        elif not arg.startswith("-"):
+            position = index
+            break
+    return [argv[0], *args[:position], f"hydra/help={app}", *args[position:]]
+
+
 def run_app(task: Task, app: str, argv: list[str] | None = None) -> None:
     """Run `task` as the Hydra application `viseg-<app>` (help text in conf/hydra/help/<app>.yaml)."""
     import hydra
@@ -63,7 +83,7 @@ def run_app(task: Task, app: str, argv: list[str] | None = None) -> None:
     register_configs()
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    sys.argv.append(f"hydra/help={app}")
+    sys.argv = with_app_help(sys.argv, app)
 
     @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=DEFAULT_CONFIG)
     def _main(dict_cfg: DictConfig) -> None:

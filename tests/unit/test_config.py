@@ -132,3 +132,28 @@ def test_plan_overrides_are_allowed():
 
 def test_conf_dir_is_the_repository_conf():
     assert conf_dir() == Path(__file__).resolve().parents[2] / "conf"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["prog"],
+        ["prog", "a=1", "b=2"],
+        ["prog", "--config-name=lesion_config", "a=1"],
+        ["prog", "a=1", "--config-name=lesion_config"],
+        ["prog", "--config-name", "lesion_config", "a=1"],
+        ["prog", "-cn", "lesion_config"],
+        ["prog", "--help"],
+        ["prog", "-m", "fold=0,1"],
+    ],
+)
+def test_app_help_override_keeps_user_overrides_contiguous(argv: list[str]):
+    from viseg.cli import with_app_help
+
+    out = with_app_help(argv, "plan")
+    positions = [i for i, a in enumerate(out[1:]) if "=" in a and not a.startswith("-")]
+    assert "hydra/help=plan" in out and sorted(out) == sorted([*argv, "hydra/help=plan"])
+    assert positions == list(range(positions[0], positions[0] + len(positions)))
+    if "--config-name" in argv or "-cn" in argv:
+        flag = "--config-name" if "--config-name" in argv else "-cn"
+        assert out[out.index(flag) + 1] == "lesion_config"
