@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first and pinned: an unpinned torch would pull gigabytes of CUDA packages.
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# torchvision arrives only through timm (dynamic-network-architectures' transformer models, unused by
+	# viseg). PyPI's torchvision is built for CUDA torch; against the CPU torch it fails to import and
+	# takes Lightning down with it (torchmetrics imports it when installed). Drop it when it is broken.
+	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip uninstall -y -q torchvision
 	touch $@
 
 # The main job. Until the sweep layer lands it runs everything that exists, on the built-in demo

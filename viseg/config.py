@@ -3,8 +3,6 @@
 Schema in Python, values in YAML (`conf/`). `OmegaConf.to_object` turns a composed config into these
 dataclasses and runs every `__post_init__`, so type errors, unknown keys and invalid values fail at
 composition time, before any work starts. This is the only module that knows Hydra's config groups.
-
-OmegaConf 2.3 needs `typing.Optional/List/Dict` in structured configs, hence the older spelling below.
 """
 
 from __future__ import annotations
@@ -187,6 +185,56 @@ class SamplingConfig:
 
 
 @dataclass
+class AugmentationConfig:
+    """nnU-Net's default augmentation recipe; probabilities are per sample. Runs batched on the training
+    device (viseg.data.augment)."""
+
+    enabled: bool = True
+    p_rotation: float = 0.2
+    rotation_degrees: float = 30.0  # 3D; anisotropic patches rotate in-plane only
+    p_scaling: float = 0.2
+    scaling_range: list[float] = field(default_factory=lambda: [0.7, 1.4])
+    p_gaussian_noise: float = 0.1
+    noise_variance: list[float] = field(default_factory=lambda: [0.0, 0.1])
+    p_gaussian_blur: float = 0.2
+    blur_sigma: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    p_brightness: float = 0.15
+    brightness_range: list[float] = field(default_factory=lambda: [0.75, 1.25])
+    p_contrast: float = 0.15
+    contrast_range: list[float] = field(default_factory=lambda: [0.75, 1.25])
+    p_low_resolution: float = 0.25
+    low_resolution_zoom: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    p_gamma: float = 0.3
+    p_gamma_inverted: float = 0.1
+    gamma_range: list[float] = field(default_factory=lambda: [0.7, 1.5])
+    p_mirror: float = 0.5  # per mirrored axis
+    mirror_axes: list[int] | None = None  # spatial axes of the patch; None = all
+
+    def __post_init__(self) -> None:
+        for name in ("p_rotation", "p_scaling", "p_gaussian_noise", "p_gaussian_blur", "p_brightness",
+                     "p_contrast", "p_low_resolution", "p_gamma", "p_gamma_inverted", "p_mirror"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"augmentation.{name} must lie in [0, 1], got {value}")
+        for name in ("scaling_range", "noise_variance", "blur_sigma", "brightness_range", "contrast_range",
+                     "low_resolution_zoom", "gamma_range"):
+            low, high = getattr(self, name)
+            if low > high or low < 0:
+                raise ConfigError(f"augmentation.{name}={[low, high]} must be [low, high] with 0 <= low <= high")
+
+
+@dataclass
+class LoaderConfig:
+    num_workers: int = 2  # background processes sampling patches (augmentation itself runs on the device)
+    prefetch_factor: int = 2
+    pin_memory: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"loader.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
 class LossConfig:
     dice_weight: float = 1.0
     ce_weight: float = 1.0
@@ -219,6 +267,8 @@ class BaseConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     plan: PlannerConfig = field(default_factory=PlannerConfig)
     splits: SplitsConfig = field(default_factory=SplitsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
