@@ -91,7 +91,7 @@ def _predict(network: nn.Module, batch: Tensor, mirror_axes: Sequence[int]) -> T
 def predict_volume(network: nn.Module, data: np.ndarray, patch_size: Sequence[int], num_classes: int,
                    device: torch.device, mirror_axes: Sequence[int] = (), batch_size: int = 2) -> Tensor:
     """Softmax probabilities (K, Z, Y, X) for a preprocessed volume; a 2D network runs slice by slice."""
-    volume = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(device)
+    volume = torch.from_numpy(np.array(data, dtype=np.float32)).to(device)  # a copy: memmaps are read-only
     if len(patch_size) == volume.ndim - 1:
         return torch.softmax(sliding_window_logits(network, volume, patch_size, num_classes,
                                                    batch_size=batch_size, mirror_axes=mirror_axes), 0)

@@ -46,6 +46,7 @@ class PreparedDataset:
     plans_dir: Path
     splits: list[Split]
     configuration: str
+    cache_dir: Path  # the dataset's cache folder (fingerprint, plans, preprocessed arrays)
 
     @property
     def plans_path(self) -> Path:
@@ -184,4 +185,25 @@ def prepare(cfg: BaseConfig, progress: bool = True) -> PreparedDataset:
     splits = _splits(cfg, info, [c.case_id for c in cases])
     _write_once(plans_dir, plans, splits, info)
     return PreparedDataset(info=info, cases=cases, fingerprint=fingerprint, fingerprint_reused=reused,
-                           plans=plans, plans_dir=plans_dir, splits=splits, configuration=settings.configuration)
+                           plans=plans, plans_dir=plans_dir, splits=splits, configuration=settings.configuration,
+                           cache_dir=cache_dir)
+
+
+def prepared_from_run(cfg: BaseConfig, run_dir: Path, progress: bool = True) -> PreparedDataset:
+    """A run folder's own plan and splits with the dataset it was trained on: continuing a run never
+    re-plans (a re-plan from the resolved config could differ)."""
+    discovery = discover(cfg, progress)
+    if discovery.info is None:
+        raise DatasetError(f"the dataset of run {run_dir} is not readable at {dataset_root(cfg, progress)}",
+                           fix="restore the dataset or set dataset.basepath to its new location")
+    info, cases = discovery.info, discovery.cases
+    cache_dir = dataset_cache_dir(Path(cfg.paths.cache), info)
+    signature = dataset_signature(info, cases)
+    verify_or_raise(discovery, cache_dir, signature, cfg.num_processes, progress)
+    fingerprint, reused = load_or_extract_fingerprint(info, cases, cache_dir, signature, cfg.num_processes,
+                                                      progress)
+    plans = Plans.load(run_dir / "plans.json")
+    configuration = CONFIGURATION_BY_DIM[cfg.model.model_args.conv_dim]
+    return PreparedDataset(info=info, cases=cases, fingerprint=fingerprint, fingerprint_reused=reused, plans=plans,
+                           plans_dir=run_dir, splits=read_json(run_dir / "splits.json"),
+                           configuration=configuration, cache_dir=cache_dir)

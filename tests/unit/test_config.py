@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 
-from viseg.cli import conf_dir, to_typed
+from tests.helpers import compose_typed
+from viseg.cli import conf_dir
 from viseg.config import (
     BaseConfig,
     PlainConvUnet2DArgs,
@@ -33,12 +33,6 @@ def group_options() -> dict[str, list[str]]:
         if isinstance(node, dict) and name not in ("hydra", "_dummy_empty_config_.yaml"):
             groups.setdefault(name, set()).update(k.removesuffix(".yaml") for k in node)
     return {g: sorted(o for o in opts if not o.startswith("base_")) for g, opts in groups.items()}
-
-
-def compose_typed(config_name: str, overrides: list[str]) -> BaseConfig:
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir())):
-        return to_typed(compose(config_name, overrides=overrides))
 
 
 def test_primary_configs_exist():

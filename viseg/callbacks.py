@@ -1,0 +1,148 @@
+"""Lightning callbacks for a run folder: atomic checkpoints that carry provenance, the metrics history
+(CSV and progress.png, both rebuilt from state saved in the checkpoint so they survive a resume), epoch
+timing and an optional per-epoch report hook (the Ray Tune adapter uses it)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+ReportFn = Callable[[dict[str, float], Path], None]
+BEST_METRIC = "val/ema_pseudo_dice"
+
+
+def atomic_save_checkpoint(trainer: L.Trainer, path: Path) -> None:
+    """Lightning writes checkpoints in place; a kill mid-write would leave a truncated file that a later
+    resume trusts. Write beside it, flush to disk, then rename over the old one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    trainer.save_checkpoint(tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class RunCheckpoints(L.Callback):
+    """`last.ckpt` after every epoch, `best.ckpt` when the moving-average pseudo-Dice improves. Every
+    checkpoint carries the fully resolved config and the plan, so it alone suffices to resume or predict."""
+
+    def __init__(self, directory: Path, config_yaml: str, plans: dict[str, Any]):
+        self.directory = Path(directory)
+        self.config_yaml, self.plans = config_yaml, plans
+        self.best: float | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint["viseg"] = {"config_yaml": self.config_yaml, "plans": self.plans}
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        score = trainer.callback_metrics.get(BEST_METRIC)
+        improved = score is not None and (self.best is None or float(score) > self.best)
+        if improved:
+            self.best = float(score)
+        atomic_save_checkpoint(trainer, self.directory / "last.ckpt")
+        if improved:
+            atomic_save_checkpoint(trainer, self.directory / "best.ckpt")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = state_dict.get("best")
+
+
+class MetricsHistory(L.Callback):
+    """One row per epoch: written to metrics.csv and plotted to progress.png after every epoch.
+
+    Must run before RunCheckpoints so that the checkpoint's copy of the history includes its own epoch."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.rows: list[dict[str, float]] = []
+        self._epoch_start = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        row = {"epoch": float(trainer.current_epoch), "epoch_time": time.perf_counter() - self._epoch_start}
+        row |= {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        self.rows.append(row)
+        self._write_csv()
+        plot_progress(self.rows, self.run_dir / "progress.png")
+
+    def _write_csv(self) -> None:
+        keys = list(dict.fromkeys(k for row in self.rows for k in row))
+        tmp = self.run_dir / ".metrics.csv.tmp"
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.run_dir / "metrics.csv")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict.get("rows", []))
+
+
+def plot_progress(rows: list[dict[str, float]], path: Path) -> None:
+    """nnU-Net-style progress plot: losses and pseudo-Dice, learning rate, epoch time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+
+    def series(key: str) -> list[float]:
+        return [r.get(key, math.nan) for r in rows]
+
+    fig, axes = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
+    axes[0].plot(epochs, series("train/loss"), label="train loss", color="tab:blue")
+    axes[0].plot(epochs, series("val/loss"), label="val loss", color="tab:red")
+    dice_axis = axes[0].twinx()
+    dice_axis.plot(epochs, series("val/mean_pseudo_dice"), ":", label="pseudo Dice", color="tab:green")
+    dice_axis.plot(epochs, series("val/ema_pseudo_dice"), label="pseudo Dice (EMA)", color="tab:green")
+    dice_axis.set_ylabel("pseudo Dice")
+    axes[0].set_ylabel("loss")
+    axes[0].legend(loc="upper left")
+    dice_axis.legend(loc="upper right")
+    axes[1].plot(epochs, series("lr"), color="tab:purple")
+    axes[1].set_ylabel("learning rate")
+    axes[2].plot(epochs, series("epoch_time"), color="tab:gray")
+    axes[2].set_ylabel("epoch time (s)")
+    axes[2].set_xlabel("epoch")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class ReportHook(L.Callback):
+    """Hands each epoch's metrics and the checkpoint folder to `report` once the checkpoint is on disk."""
+
+    def __init__(self, report: ReportFn, history: MetricsHistory, checkpoint_dir: Path):
+        self.report, self.history, self.checkpoint_dir = report, history, Path(checkpoint_dir)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.report(dict(self.history.rows[-1]), self.checkpoint_dir)
+
+
+class EpochSeeder(L.Callback):
+    """Tell the data module which epoch starts, so every epoch draws new patches, reproducibly."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(trainer.current_epoch)
