@@ -149,3 +149,13 @@ def test_a_second_run_into_the_same_folder_is_refused(demo: Path, tmp_path: Path
     train(cfg, progress=False)
     with pytest.raises(Exception, match="already holds a run"):
         train(cfg, progress=False)
+
+
+def test_hydra_multirun_trains_one_run_per_fold(demo: Path, tmp_path: Path):
+    """The training docs' `-m fold=0,1`: one process, one run folder per fold."""
+    overrides = tiny(demo, tmp_path, "trainer.max_epochs=1", "trainer.iterations_per_epoch=1")
+    result = subprocess.run([sys.executable, "-m", "viseg.train", "-m", "fold=0,1", *overrides], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    finished = sorted(p.parent.name for p in (tmp_path / "results").rglob("finished.json"))
+    assert finished == ["fold_0", "fold_1"]
