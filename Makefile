@@ -22,12 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip uninstall -y -q torchvision
 	touch $@
 
-# The main job. Until the sweep layer lands it runs everything that exists, on the built-in demo
-# dataset: generate it, verify it, then plan it for the anatomy and the lesion configuration.
+# The main job: 5 folds x 2 schedulers as Ray Tune trials on the built-in demo dataset, on a local Ray.
 demo: $(STAMP)
-	$(PY) -m viseg.verify
-	$(PY) -m viseg.plan
-	$(PY) -m viseg.plan --config-name=lesion_config
+	$(PY) -m viseg.sweep folds=0-4 lr_scheduler=step_lr,poly
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,0 +1,69 @@
+"""The sweep command's modes: a new sweep, dry run, resume and summary."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from viseg.errors import ConfigError
+from viseg.sweep.driver import STATE_FILE, SweepPlan, load_state, plan_sweep, prepare_all, render_trials, save_state
+from viseg.sweep.parse import parse_request
+
+log = logging.getLogger(__name__)
+
+
+def print_summary(experiment_dir: Path) -> int:
+    from viseg.sweep.summary import render_table, summarize, write_summary
+
+    summaries = summarize(experiment_dir)
+    written = write_summary(experiment_dir, summaries)
+    print(render_table(summaries))
+    print(f"\nsummary written to {', '.join(str(p) for p in written.values())}")
+    return 0
+
+
+def _finish(plan: SweepPlan, results) -> int:
+    from viseg.sweep.tune import record_errors
+
+    errors = record_errors(plan, results)
+    code = print_summary(plan.experiment_dir)
+    if errors:
+        print(f"\n{len(errors)} trial(s) failed; see {plan.experiment_dir / 'errors.json'}. "
+              f"Continue with: python -m viseg.sweep resume={plan.experiment_dir}")
+    return code if not errors else 1
+
+
+def new_sweep(args: list[str], sweeps_dir: Path) -> int:
+    from viseg.sweep.tune import build_tuner, init_ray
+
+    has_dataset = any(a.startswith("dataset.basepath=") for a in args)
+    has_spec = any(a.startswith("sweep=") for a in args)
+    request = parse_request(args, sweeps_dir, default_spec=None if has_dataset or has_spec else "demo")
+    plan = plan_sweep(request)
+    print(render_trials(plan))
+    if request.settings.dry_run:
+        return 0
+    if (plan.experiment_dir / STATE_FILE).is_file():
+        raise ConfigError(f"experiment {plan.experiment_dir} exists already",
+                          fix=f"continue it with resume={plan.experiment_dir}, or name a new one with experiment=...")
+    prepare_all(plan)
+    save_state(plan)
+    init_ray()
+    return _finish(plan, build_tuner(plan).fit())
+
+
+def resume(experiment: str) -> int:
+    from viseg.sweep.tune import init_ray, restore_tuner
+
+    plan = load_state(Path(experiment))
+    print(render_trials(plan))
+    init_ray()
+    return _finish(plan, restore_tuner(plan).fit())
+
+
+def run(args: list[str], sweeps_dir: Path) -> int:
+    for mode, handler in (("summary=", lambda p: print_summary(Path(p))), ("resume=", resume)):
+        target = next((a.split("=", 1)[1] for a in args if a.startswith(mode)), None)
+        if target is not None:
+            return handler(target)
+    return new_sweep(args, sweeps_dir)

@@ -1,0 +1,140 @@
+"""The sweep driver: compose and validate every variant, prepare each distinct plan once, run Ray Tune.
+
+Everything that can fail on user input (overrides, group options, the dataset) fails here, before Ray
+starts. The experiment folder keeps `viseg_sweep.json` (the composed variants and settings) so that
+`resume=` and `summary=` need nothing but the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from viseg.config import BaseConfig, reject_derived_overrides
+from viseg.errors import ConfigError
+from viseg.jsonio import read_json, write_json_atomic
+from viseg.sweep.spec import SearchAxis, SweepRequest, parse_folds
+
+log = logging.getLogger(__name__)
+STATE_FILE = "viseg_sweep.json"
+
+
+@dataclass
+class SweepPlan:
+    experiment: str
+    storage_path: str
+    variants: dict[str, str]  # name -> fully composed config (YAML)
+    overrides: dict[str, list[str]]  # name -> the overrides that define it (for tables)
+    folds: list[int]
+    search: list[SearchAxis]
+    settings: dict[str, Any]
+
+    @property
+    def experiment_dir(self) -> Path:
+        return Path(self.storage_path) / self.experiment
+
+    def trials(self) -> list[tuple[str, int]]:
+        return [(v, f) for v in self.variants for f in self.folds]
+
+
+def compose_variant(config_name: str, overrides: list[str]) -> BaseConfig:
+    from hydra import compose, initialize_config_dir
+
+    from viseg.cli import conf_dir, to_typed
+    from viseg.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir())):
+        try:
+            composed = compose(config_name, overrides=overrides)
+        except Exception as exc:  # Hydra's composition errors: unknown keys, options, types
+            raise ConfigError(f"overrides {overrides} do not compose: {str(exc).splitlines()[0]}",
+                              fix="check the key names and group options (python -m viseg.train --help)") from None
+    cfg = to_typed(composed)
+    reject_derived_overrides(cfg)
+    return absolute_paths(cfg)
+
+
+def absolute_paths(cfg: BaseConfig) -> BaseConfig:
+    """Trials run in their own working folders (and on other nodes): every path they get must be absolute,
+    or each trial would find its own cache and redo the preprocessing."""
+    from viseg.prepare import dataset_root
+
+    cfg.paths.cache = str(Path(cfg.paths.cache).expanduser().resolve())
+    cfg.dataset.basepath = str(dataset_root(cfg, progress=False).resolve())
+    return cfg
+
+
+def _experiment_name(request: SweepRequest, dataset: str, folds: list[int]) -> str:
+    key = json.dumps([request.settings.config_name, request.fixed, [asdict(a) for a in request.axes],
+                      [asdict(s) for s in request.search], folds], sort_keys=True)
+    axes = "-".join(a.key.split(".")[-1] for a in request.axes) or "default"
+    return f"{dataset}-{request.settings.config_name}-{axes}-{hashlib.sha256(key.encode()).hexdigest()[:6]}"
+
+
+def plan_sweep(request: SweepRequest) -> SweepPlan:
+    from omegaconf import OmegaConf
+
+    settings = request.settings
+    variants, overrides = {}, {}
+    for name, variant_overrides in request.variants().items():
+        cfg = compose_variant(settings.config_name, [*request.fixed, *variant_overrides])
+        variants[name] = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        overrides[name] = variant_overrides
+    first = compose_variant(settings.config_name, request.fixed)
+    folds = parse_folds(settings.search.folds if request.search else settings.folds, first.splits.n_folds)
+    from viseg.prepare import discover
+
+    discovery = discover(first)
+    dataset = discovery.info.name if discovery.info else "dataset"
+    return SweepPlan(experiment=settings.experiment or _experiment_name(request, dataset, folds),
+                     storage_path=str(Path(settings.storage_path).expanduser().resolve())
+                     if "://" not in settings.storage_path else settings.storage_path,
+                     variants=variants, overrides=overrides, folds=folds, search=request.search,
+                     settings=asdict(settings))
+
+
+def prepare_all(plan: SweepPlan) -> None:
+    """Verify, fingerprint, plan and preprocess once per distinct plan, before any trial starts."""
+    from viseg.prepare import prepare
+    from viseg.preprocess import preprocess_dataset
+    from viseg.sweep.trial import trial_config
+
+    done: set[Path] = set()
+    for name, variant_yaml in plan.variants.items():
+        prepared = prepare(trial_config(variant_yaml, plan.folds[0], {}, name, "unused"))
+        if prepared.plans_dir not in done:
+            preprocess_dataset(prepared)
+            done.add(prepared.plans_dir)
+    log.info("%d distinct plan(s) prepared for %d variant(s)", len(done), len(plan.variants))
+
+
+def save_state(plan: SweepPlan) -> None:
+    write_json_atomic(plan.experiment_dir / STATE_FILE, asdict(plan) | {
+        "search": [asdict(s) for s in plan.search]})
+
+
+def load_state(experiment_dir: Path) -> SweepPlan:
+    path = Path(experiment_dir) / STATE_FILE
+    if not path.is_file():
+        raise ConfigError(f"{experiment_dir} is not a viseg sweep experiment (no {STATE_FILE})",
+                          fix="pass the experiment folder printed when the sweep started")
+    data = read_json(path)
+    data["search"] = [SearchAxis(**{**s, "choices": tuple(s["choices"])}) for s in data["search"]]
+    return SweepPlan(**data)
+
+
+def render_trials(plan: SweepPlan) -> str:
+    lines = [f"experiment  {plan.experiment_dir}", f"trials      {len(plan.trials())} "
+             f"({len(plan.variants)} variant(s) x folds {plan.folds})", ""]
+    width = max(len(v) for v in plan.variants) + 2
+    lines += [f"  {v:{width}} fold {f}   {' '.join(plan.overrides[v]) or '(no overrides)'}"
+              for v, f in plan.trials()]
+    for axis in plan.search:
+        bounds = f"[{axis.low}, {axis.high}]" if axis.kind != "choice" else str(list(axis.choices))
+        lines.append(f"  searched: {axis.key} ~ {axis.kind} {bounds}, {plan.settings['num_samples']} samples")
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""What a sweep is: the sweep's own settings, and the command line split into them, fixed training
+overrides, grid axes and searched axes (parsed with Hydra's own override grammar).
+
+A sweep spec in `sweeps/<name>.yaml` holds the same settings as data; command-line overrides win over it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from viseg.errors import ConfigError
+
+SWEEP_KEYS = ("folds", "sweep", "dry_run", "resume", "summary", "cross_validate", "top_k", "experiment",
+              "storage_path", "num_samples", "max_concurrent_trials", "max_failures", "checkpoints_to_keep",
+              "resources", "search", "config_name")
+# Values that change the plan or the data cannot be searched: every trial of a search shares one plan.
+UNSEARCHABLE_PREFIXES = ("patch_size", "spacing", "batch_size", "transpose_", "foreground_labels", "model",
+                         "plan.", "dataset.", "splits.", "num_channels", "num_classes", "fold", "paths.")
+
+
+@dataclass
+class ResourcesConfig:
+    cpu: float = 1.0
+    gpu: float = 0.0  # fractional values share a GPU between trials
+
+
+@dataclass
+class SearchConfig:
+    folds: list[int] = field(default_factory=lambda: [0])  # Optuna cannot take a fold grid: search on these
+    scheduler: str | None = None  # "asha": stop weak trials early, epochs as the budget
+    metric: str = "val/ema_pseudo_dice"
+    mode: str = "max"
+    seed: int = 0
+
+
+@dataclass
+class SweepConfig:
+    config_name: str = "anatomy_config"
+    folds: Any = "0-4"
+    experiment: str | None = None  # experiment name; default derived from dataset, config and axes
+    storage_path: str = "results/sweeps"  # any path or URI Ray accepts (shared filesystem, s3://...)
+    num_samples: int = 8  # trials drawn by the search (only with searched axes)
+    max_concurrent_trials: int | None = None
+    max_failures: int = 2  # retries of a trial from its last checkpoint (worker death, node loss)
+    checkpoints_to_keep: int = 2
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    dry_run: bool = False
+    resume: str | None = None
+    summary: str | None = None
+    cross_validate: str | None = None
+    top_k: int = 1
+    sweep: str | None = None
+    overrides: list[str] = field(default_factory=list)  # fixed training overrides from a spec file
+
+
+@dataclass(frozen=True)
+class Axis:
+    key: str
+    values: tuple[str, ...]  # override-string values, as Hydra would substitute them
+
+
+@dataclass(frozen=True)
+class SearchAxis:
+    key: str
+    kind: str  # "loguniform" | "uniform" | "choice"
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] = ()
+
+
+@dataclass
+class SweepRequest:
+    settings: SweepConfig
+    fixed: list[str]  # training overrides applied to every trial
+    axes: list[Axis]  # grid: the cartesian product gives the variants
+    search: list[SearchAxis]
+
+    def variants(self) -> dict[str, list[str]]:
+        """Deterministic variant names -> their overrides (the cartesian product of the grid axes)."""
+        if not self.axes:
+            return {"default": []}
+        result = {}
+        for combo in itertools.product(*[[(a.key, v) for v in a.values] for a in self.axes]):
+            result[variant_name(combo)] = [f"{k}={v}" for k, v in combo]
+        return result
+
+
+def variant_name(assignments: tuple[tuple[str, str], ...]) -> str:
+    parts = [f"{key.split('.')[-1]}-{value}" for key, value in assignments]
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "_".join(parts))
+
+
+def parse_folds(value: Any, n_folds: int) -> list[int]:
+    """`0-4`, `0,2,4`, `[0,2]`, a single int, or `all`."""
+    if value == "all":
+        folds = list(range(n_folds))
+    elif isinstance(value, int):
+        folds = [value]
+    elif isinstance(value, list | tuple):
+        folds = [int(v) for v in value]
+    elif isinstance(value, str) and re.fullmatch(r"\d+-\d+", value):
+        start, stop = map(int, value.split("-"))
+        folds = list(range(start, stop + 1))
+    elif isinstance(value, str) and re.fullmatch(r"\d+(,\d+)*", value):
+        folds = [int(v) for v in value.split(",")]
+    else:
+        raise ConfigError(f"folds={value!r} is not a fold selection", fix="use e.g. folds=0-4, folds=0,2,4 or all")
+    bad = [f for f in folds if not 0 <= f < n_folds]
+    if bad or not folds:
+        raise ConfigError(f"folds {bad or folds} are out of range for splits.n_folds={n_folds}",
+                          fix=f"choose folds in 0..{n_folds - 1}")
+    return sorted(set(folds))
+
+
+def load_spec(name: str, sweeps_dir: Path) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    path = sweeps_dir / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in sweeps_dir.glob("*.yaml"))
+        raise ConfigError(f"sweep spec {path} does not exist", fix=f"use one of {known}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,105 @@
+"""The Ray Tune adapter: param space, Tuner, restore. The only sweep module that configures Ray."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from viseg.jsonio import write_json_atomic
+from viseg.sweep.driver import SweepPlan
+from viseg.sweep.spec import SearchAxis
+
+log = logging.getLogger(__name__)
+
+
+def _distribution(axis: SearchAxis) -> Any:
+    from ray import tune
+
+    if axis.kind == "loguniform":
+        return tune.loguniform(axis.low, axis.high)
+    if axis.kind == "uniform":
+        return tune.uniform(axis.low, axis.high)
+    return tune.choice(list(axis.choices))
+
+
+def param_space(plan: SweepPlan) -> dict[str, Any]:
+    """Grid sweeps: variants x folds as grid axes. Searches: Optuna cannot take grid axes, so variants
+    become a categorical choice and the folds are fixed to the search folds."""
+    from ray import tune
+
+    names = list(plan.variants)
+    if not plan.search:
+        return {"variant": tune.grid_search(names), "fold": tune.grid_search(plan.folds)}
+    return {"variant": tune.choice(names) if len(names) > 1 else names[0],
+            "fold": tune.choice(plan.folds) if len(plan.folds) > 1 else plan.folds[0],
+            "params": {axis.key: _distribution(axis) for axis in plan.search}}
+
+
+def trainable(plan: SweepPlan) -> Any:
+    from ray import tune
+
+    from viseg.sweep.trial import run_trial
+
+    resources = plan.settings["resources"]
+    with_data = tune.with_parameters(run_trial, variants=plan.variants,
+                                     runs_dir=str(plan.experiment_dir / "runs"))
+    return tune.with_resources(with_data, {"cpu": resources["cpu"], "gpu": resources["gpu"]})
+
+
+def _tune_config(plan: SweepPlan) -> Any:
+    from ray import tune
+
+    settings, search = plan.settings, plan.settings["search"]
+    if not plan.search:
+        return tune.TuneConfig(max_concurrent_trials=settings["max_concurrent_trials"])
+    from ray.tune.search.optuna import OptunaSearch
+
+    scheduler = None
+    if search["scheduler"] == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=1)
+    return tune.TuneConfig(metric=search["metric"], mode=search["mode"], num_samples=settings["num_samples"],
+                           search_alg=OptunaSearch(seed=search["seed"]), scheduler=scheduler,
+                           max_concurrent_trials=settings["max_concurrent_trials"])
+
+
+def build_tuner(plan: SweepPlan) -> Any:
+    from ray import tune
+
+    run_config = tune.RunConfig(
+        name=plan.experiment, storage_path=plan.storage_path,
+        failure_config=tune.FailureConfig(max_failures=plan.settings["max_failures"]),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=plan.settings["checkpoints_to_keep"]),
+        verbose=1)
+    return tune.Tuner(trainable(plan), param_space=param_space(plan), tune_config=_tune_config(plan),
+                      run_config=run_config)
+
+
+def restore_tuner(plan: SweepPlan) -> Any:
+    """Errored and unfinished trials continue from their last checkpoint; finished ones are kept."""
+    from ray import tune
+
+    return tune.Tuner.restore(str(plan.experiment_dir), trainable(plan), resume_unfinished=True,
+                              resume_errored=True)
+
+
+def record_errors(plan: SweepPlan, results: Any) -> list[dict[str, Any]]:
+    """Failed trials, kept beside the summary so it can mark them."""
+    errors = []
+    for result in results:
+        if result.error is not None:
+            config = result.config or {}
+            errors.append({"variant": config.get("variant"), "fold": config.get("fold"),
+                           "error": str(result.error).splitlines()[0][:500]})
+    write_json_atomic(Path(plan.experiment_dir) / "errors.json", errors)
+    return errors
+
+
+def init_ray() -> None:
+    """Join the cluster a job was submitted to (RAY_ADDRESS), else start a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
