@@ -164,8 +164,18 @@ def _write_once(plans_dir: Path, plans: Plans, splits: list[Split], info: Datase
     shutil.copyfile(info.dataset_json, plans_dir / "dataset.json")
 
 
-def prepare(cfg: BaseConfig, progress: bool = True) -> PreparedDataset:
-    """Verify, fingerprint and plan (each only when its inputs changed) and write the plan folder."""
+@dataclass
+class _VerifiedDataset:
+    info: DatasetInfo
+    cases: list[Case]
+    cache_dir: Path
+    fingerprint: Fingerprint
+    fingerprint_reused: bool
+
+
+def _verified(cfg: BaseConfig, progress: bool) -> _VerifiedDataset:
+    """Discover, verify (once per dataset state) and fingerprint (cached): what planning and continuing a
+    run both need. Discovery problems stop here with the full report, before anything is written."""
     discovery = discover(cfg, progress)
     if discovery.info is None or any(p.severity == "error" for p in discovery.problems):
         from viseg.data.verify import VerificationReport
@@ -179,31 +189,28 @@ def prepare(cfg: BaseConfig, progress: bool = True) -> PreparedDataset:
     verify_or_raise(discovery, cache_dir, signature, cfg.num_processes, progress)
     fingerprint, reused = load_or_extract_fingerprint(info, cases, cache_dir, signature, cfg.num_processes,
                                                       progress)
+    return _VerifiedDataset(info, cases, cache_dir, fingerprint, reused)
+
+
+def prepare(cfg: BaseConfig, progress: bool = True) -> PreparedDataset:
+    """Verify, fingerprint and plan (each only when its inputs changed) and write the plan folder."""
+    data = _verified(cfg, progress)
     settings = planner_settings(cfg)
-    plans = make_plans(fingerprint, settings)
-    plans_dir = plans_dir_for(cache_dir, settings)
-    splits = _splits(cfg, info, [c.case_id for c in cases])
-    _write_once(plans_dir, plans, splits, info)
-    return PreparedDataset(info=info, cases=cases, fingerprint=fingerprint, fingerprint_reused=reused,
-                           plans=plans, plans_dir=plans_dir, splits=splits, configuration=settings.configuration,
-                           cache_dir=cache_dir)
+    plans = make_plans(data.fingerprint, settings)
+    plans_dir = plans_dir_for(data.cache_dir, settings)
+    splits = _splits(cfg, data.info, [c.case_id for c in data.cases])
+    _write_once(plans_dir, plans, splits, data.info)
+    return PreparedDataset(info=data.info, cases=data.cases, fingerprint=data.fingerprint,
+                           fingerprint_reused=data.fingerprint_reused, plans=plans, plans_dir=plans_dir,
+                           splits=splits, configuration=settings.configuration, cache_dir=data.cache_dir)
 
 
 def prepared_from_run(cfg: BaseConfig, run_dir: Path, progress: bool = True) -> PreparedDataset:
     """A run folder's own plan and splits with the dataset it was trained on: continuing a run never
     re-plans (a re-plan from the resolved config could differ)."""
-    discovery = discover(cfg, progress)
-    if discovery.info is None:
-        raise DatasetError(f"the dataset of run {run_dir} is not readable at {dataset_root(cfg, progress)}",
-                           fix="restore the dataset or set dataset.basepath to its new location")
-    info, cases = discovery.info, discovery.cases
-    cache_dir = dataset_cache_dir(Path(cfg.paths.cache), info)
-    signature = dataset_signature(info, cases)
-    verify_or_raise(discovery, cache_dir, signature, cfg.num_processes, progress)
-    fingerprint, reused = load_or_extract_fingerprint(info, cases, cache_dir, signature, cfg.num_processes,
-                                                      progress)
-    plans = Plans.load(run_dir / "plans.json")
-    configuration = CONFIGURATION_BY_DIM[cfg.model.model_args.conv_dim]
-    return PreparedDataset(info=info, cases=cases, fingerprint=fingerprint, fingerprint_reused=reused, plans=plans,
+    data = _verified(cfg, progress)
+    return PreparedDataset(info=data.info, cases=data.cases, fingerprint=data.fingerprint,
+                           fingerprint_reused=data.fingerprint_reused, plans=Plans.load(run_dir / "plans.json"),
                            plans_dir=run_dir, splits=read_json(run_dir / "splits.json"),
-                           configuration=configuration, cache_dir=cache_dir)
+                           configuration=CONFIGURATION_BY_DIM[cfg.model.model_args.conv_dim],
+                           cache_dir=data.cache_dir)
