@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from tests.helpers import compose_typed
 from viseg.demo import DemoSpec, generate_demo_dataset
+from viseg.errors import ConfigError
 from viseg.prepare import prepare
 from viseg.preprocess import preprocess_dataset
 from viseg.train import run_dir_for, train
@@ -147,7 +148,7 @@ def test_continue_refuses_locked_overrides_and_warns_about_horizons(demo: Path, 
 def test_a_second_run_into_the_same_folder_is_refused(demo: Path, tmp_path: Path):
     cfg = compose_typed("anatomy_config", tiny(demo, tmp_path, "trainer.max_epochs=1"))
     train(cfg, progress=False)
-    with pytest.raises(Exception, match="already holds a run"):
+    with pytest.raises(ConfigError, match="already holds a run"):
         train(cfg, progress=False)
 
 
