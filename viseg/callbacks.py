@@ -23,7 +23,7 @@ def atomic_save_checkpoint(trainer: L.Trainer, path: Path) -> None:
     """Lightning writes checkpoints in place; a kill mid-write would leave a truncated file that a later
     resume trusts. Write beside it, flush to disk, then rename over the old one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(tmp)
+    trainer.save_checkpoint(tmp, weights_only=False)  # the full state: resuming needs the optimizer too
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)

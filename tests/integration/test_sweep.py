@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 pytestmark = pytest.mark.slow
 
@@ -60,3 +66,126 @@ def test_invalid_overrides_fail_fast_with_a_readable_message(tmp_path: Path, arg
 def test_help_explains_the_grammar(tmp_path: Path):
     result = sweep("--help", cwd=tmp_path, timeout=60)
     assert result.returncode == 0 and "resume=<experiment path>" in result.stdout and "interval" in result.stdout
+
+
+TINY = ("splits.n_folds=3", "trainer.val_iterations=1", "max_concurrent_trials=1")
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 600, what: str = "") -> None:
+    """Poll until `condition()` holds; fail early if the sweep ended first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            pytest.fail(f"sweep ended (rc {process.returncode}) before {what}:\n{output[-4000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def start_sweep(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "viseg.sweep", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """What a lost driver machine looks like: the driver and the local Ray it started die at once."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+
+
+def run_folders(experiment: Path) -> dict[str, Path]:
+    return {str(p.relative_to(experiment / "runs")).split("/", 2)[-1]: p
+            for p in (experiment / "runs").rglob("fold_*") if p.is_dir()}
+
+
+def epochs_in(run_dir: Path) -> list[int]:
+    with open(run_dir / "metrics.csv") as handle:
+        return [int(float(row["epoch"])) for row in csv.DictReader(handle)]
+
+
+def test_killed_driver_resumes_unfinished_trials_and_keeps_finished_ones(tmp_path: Path):
+    experiment = tmp_path / "results" / "sweeps" / "killed"
+    process = start_sweep("folds=0", "lr_scheduler=step_lr,poly", "trainer.max_epochs=3",
+                          "trainer.iterations_per_epoch=3", *TINY, "experiment=killed", cwd=tmp_path)
+
+    def one_finished_one_started() -> bool:
+        runs = run_folders(experiment)
+        done = [r for r in runs.values() if (r / "finished.json").is_file()]
+        started = [r for r in runs.values() if (r / "checkpoints" / "last.ckpt").is_file() and r not in done]
+        return len(done) == 1 and len(started) == 1
+
+    try:
+        wait_for(one_finished_one_started, process, what="one finished trial and one checkpointed trial")
+    finally:
+        kill_session(process)
+    finished = next(r for r in run_folders(experiment).values() if (r / "finished.json").is_file())
+    finished_state = {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file()}
+
+    result = sweep(f"resume={experiment}", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = run_folders(experiment)
+    assert sorted(runs) == ["lr_scheduler-poly/fold_0", "lr_scheduler-step_lr/fold_0"]
+    for run in runs.values():
+        assert json.loads((run / "finished.json").read_text())["epochs"] == 3
+        assert epochs_in(run) == [0, 1, 2]  # the interrupted trial continued: no epoch trained twice
+    # the trial that had finished before the kill was not touched
+    assert {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file()} == finished_state
+    assert all(v["folds_finished"] == [0] for v in json.loads((experiment / "summary.json").read_text()))
+
+
+def trial_results(experiment: Path) -> list[dict]:
+    rows = []
+    for path in experiment.glob("run_trial_*/result.json"):
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows
+
+
+def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path: Path):
+    experiment = tmp_path / "results" / "sweeps" / "worker"
+    process = start_sweep("folds=0", "trainer.max_epochs=4", "trainer.iterations_per_epoch=3", *TINY,
+                          "max_failures=2", "experiment=worker", cwd=tmp_path)
+    try:
+        wait_for(lambda: any(r.get("epoch", -1) >= 1 for r in trial_results(experiment)), process,
+                 what="the trial's second checkpoint")
+        worker = trial_results(experiment)[-1]["pid"]
+        os.kill(worker, signal.SIGKILL)
+        output, _ = process.communicate(timeout=600)
+    finally:
+        kill_session(process)
+    assert process.returncode == 0, output[-4000:]
+    run = run_folders(experiment)["default/fold_0"]
+    assert json.loads((run / "finished.json").read_text())["epochs"] == 4
+    reported = [r["epoch"] for r in trial_results(experiment) if "epoch" in r]
+    # a retry from scratch would report epoch 0 again; from the checkpoint it goes on where it stopped
+    assert reported.count(0) == 1 and sorted(set(reported)) == [0, 1, 2, 3], reported
+    assert len({r["pid"] for r in trial_results(experiment)}) == 2  # a second worker process did the rest
+    assert epochs_in(run) == [0, 1, 2, 3]
+
+
+def test_optuna_search_then_cross_validation_of_the_best_configuration(tmp_path: Path):
+    search_args = ("optimizer.lr=tag(log, interval(1e-3, 1e-1))", "num_samples=3", "search.scheduler=asha",
+                   "folds=0-1", "trainer.max_epochs=2", "trainer.iterations_per_epoch=2", *TINY,
+                   "experiment=search")
+    result = sweep(*search_args, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    search = tmp_path / "results" / "sweeps" / "search"
+    searched = {r["trial_id"]: r for r in trial_results(search) if "final/mean_dice" in r or "epoch" in r}
+    lrs = {r["config"]["params"]["optimizer.lr"] for r in searched.values()}
+    assert len(lrs) == 3 and all(1e-3 <= lr <= 1e-1 for lr in lrs)  # three distinct draws inside the range
+    # every search trial ran on the search fold only
+    assert {r["config"]["fold"] for r in searched.values()} == {0}
+
+    result = sweep(f"cross_validate={search}", "top_k=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    best = max((r for r in trial_results(search) if "final/mean_dice" in r), key=lambda r: r["val/ema_pseudo_dice"])
+    cv = tmp_path / "results" / "sweeps" / "search-cv-top1"
+    runs = run_folders(cv)
+    assert sorted(runs) == [f"default-{best['trial_id']}/fold_0", f"default-{best['trial_id']}/fold_1"]
+    best_lr = best["config"]["params"]["optimizer.lr"]
+    for run in runs.values():
+        assert OmegaConf.load(run / "config.yaml").optimizer.lr == pytest.approx(best_lr)
+        assert (run / "finished.json").is_file()
+    summary = json.loads((cv / "summary.json").read_text())
+    assert [s["folds_finished"] for s in summary] == [[0, 1]]

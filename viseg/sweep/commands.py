@@ -34,14 +34,26 @@ def _finish(plan: SweepPlan, results) -> int:
 
 
 def new_sweep(args: list[str], sweeps_dir: Path) -> int:
-    from viseg.sweep.tune import build_tuner, init_ray
-
     has_dataset = any(a.startswith("dataset.basepath=") for a in args)
     has_spec = any(a.startswith("sweep=") for a in args)
     request = parse_request(args, sweeps_dir, default_spec=None if has_dataset or has_spec else "demo")
-    plan = plan_sweep(request)
+    return _start(plan_sweep(request))
+
+
+def cross_validate(args: list[str], sweeps_dir: Path) -> int:
+    """The best searched configuration(s) of a finished search, over every fold, as a new grid sweep."""
+    from viseg.sweep.cross_validate import plan_cross_validation
+
+    request = parse_request(args, sweeps_dir)
+    cli_keys = {a.split("=", 1)[0].split(".")[0].lstrip("+~") for a in args}
+    return _start(plan_cross_validation(request, cli_keys))
+
+
+def _start(plan: SweepPlan) -> int:
+    from viseg.sweep.tune import build_tuner, init_ray
+
     print(render_trials(plan))
-    if request.settings.dry_run:
+    if plan.settings["dry_run"]:
         return 0
     if (plan.experiment_dir / STATE_FILE).is_file():
         raise ConfigError(f"experiment {plan.experiment_dir} exists already",
@@ -66,4 +78,6 @@ def run(args: list[str], sweeps_dir: Path) -> int:
         target = next((a.split("=", 1)[1] for a in args if a.startswith(mode)), None)
         if target is not None:
             return handler(target)
+    if any(a.startswith("cross_validate=") for a in args):
+        return cross_validate(args, sweeps_dir)
     return new_sweep(args, sweeps_dir)

@@ -51,12 +51,21 @@ def _search_axis(override: Any) -> SearchAxis:
     if key.startswith(UNSEARCHABLE_PREFIXES):
         raise ConfigError(f"{key} cannot be searched: it changes the plan or the data, which all trials of a "
                           "search share", fix=f"make {key} a grid axis ({key}=a,b) or fix it")
+    if _is_config_group(key):
+        raise ConfigError(f"{key} is a config group: its options are variants, not a searched value",
+                          fix=f"list them as a grid axis ({key}=a,b); beside searched ranges Optuna picks among them")
     if isinstance(value, IntervalSweep):
         kind = "loguniform" if "log" in value.tags else "uniform"
         return SearchAxis(key, kind, low=float(value.start), high=float(value.end))
     if isinstance(value, ChoiceSweep):
         return SearchAxis(key, "choice", choices=tuple(value.list))
     raise ConfigError(f"{override.input_line} is not a searchable range", fix="use interval(a, b) or choice(...)")
+
+
+def _is_config_group(key: str) -> bool:
+    from viseg.cli import conf_dir
+
+    return (conf_dir() / key.split("/")[0]).is_dir() and "." not in key
 
 
 def _is_search(override: Any) -> bool:

@@ -1,0 +1,128 @@
+"""`cross_validate=<search experiment>`: take the best searched configuration(s) to every fold.
+
+Ray's Optuna searcher cannot take a fold grid, so a search trains on `search.folds` only. This step reads
+the finished search with Ray's ExperimentAnalysis (files only, no running Ray needed), ranks its trials by
+the search metric, and plans a new grid sweep: one variant per chosen configuration (the searched values
+become fixed overrides), times every fold. The search experiment itself is never modified.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from viseg.errors import ConfigError
+from viseg.sweep.driver import SweepPlan, load_state
+from viseg.sweep.spec import SweepRequest, parse_folds
+
+log = logging.getLogger(__name__)
+COMPLETED_METRIC = "final/mean_dice"  # only the trial's last report (after full-case validation) has it
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One searched trial: its variant, the values Optuna chose, and its score on the search metric."""
+
+    trial_id: str
+    variant: str
+    params: dict[str, Any]
+    score: float
+    completed: bool  # trained every epoch (ASHA may have stopped the others early)
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}-{self.trial_id}"
+
+    def overrides(self) -> list[str]:
+        return [f"{key}={_override_value(value)}" for key, value in sorted(self.params.items())]
+
+
+def _override_value(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def search_candidates(experiment_dir: Path, metric: str, mode: str) -> list[Candidate]:
+    """Every trial that reported the metric, best first; completed trials rank before early-stopped ones."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        analysis = ExperimentAnalysis(str(experiment_dir))
+    except Exception as exc:  # Ray raises ValueError/FileNotFoundError variants for a missing state
+        raise ConfigError(f"{experiment_dir} has no readable Ray Tune experiment state ({exc})",
+                          fix="pass the folder of a search experiment printed when it started") from None
+    candidates = []
+    for trial in analysis.trials:
+        result, config = trial.last_result or {}, trial.config or {}
+        score = result.get(metric)
+        if score is None or (isinstance(score, float) and math.isnan(score)) or "variant" not in config:
+            continue
+        candidates.append(Candidate(trial_id=trial.trial_id, variant=config["variant"],
+                                    params=dict(config.get("params") or {}), score=float(score),
+                                    completed=COMPLETED_METRIC in result))
+    sign = -1.0 if mode == "max" else 1.0
+    return sorted(candidates, key=lambda c: (not c.completed, sign * c.score))
+
+
+def _with_params(variant_yaml: str, params: dict[str, Any]) -> str:
+    """The variant's composed config with the searched values applied and validated like any config."""
+    from omegaconf import OmegaConf
+
+    from viseg.cli import to_typed
+    from viseg.config import BaseConfig
+
+    dotlist = [f"{key}={_override_value(value)}" for key, value in params.items()]
+    merged = OmegaConf.merge(OmegaConf.structured(BaseConfig), OmegaConf.create(variant_yaml),
+                             OmegaConf.from_dotlist(dotlist))
+    return OmegaConf.to_yaml(OmegaConf.structured(to_typed(merged)))
+
+
+def plan_cross_validation(request: SweepRequest, cli_keys: set[str]) -> SweepPlan:
+    """The new sweep: settings from the search, except those given on this command line."""
+    from dataclasses import asdict
+
+    if request.fixed or request.axes or request.search:
+        given = request.fixed + [a.key for a in request.axes] + [s.key for s in request.search]
+        raise ConfigError(f"cross_validate= takes sweep settings only, not training overrides ({given})",
+                          fix="the configurations come from the search; run a new sweep to change them")
+    search_dir = Path(request.settings.cross_validate or "").expanduser().resolve()
+    search = load_state(search_dir)
+    if not search.search:
+        raise ConfigError(f"{search_dir} is a grid sweep, not a search: it has every fold already",
+                          fix="read its cross-validation table with summary=" + str(search_dir))
+    settings = dict(search.settings)
+    # the search's own settings (metric, mode) stay: they describe how the candidates were ranked
+    given = {key: value for key, value in asdict(request.settings).items() if key in cli_keys and key != "search"}
+    settings.update(given)
+    settings.update(dry_run=request.settings.dry_run, cross_validate=str(search_dir), resume=None, summary=None)
+    top_k = int(settings["top_k"])
+    if top_k < 1:
+        raise ConfigError(f"top_k={top_k} must be at least 1", fix="use top_k=1 for the single best configuration")
+    ranked = search_candidates(search_dir, search.settings["search"]["metric"], search.settings["search"]["mode"])
+    if not ranked:
+        raise ConfigError(f"no trial of {search_dir} reported {search.settings['search']['metric']} yet",
+                          fix=f"let the search finish (resume={search_dir}) before cross-validating it")
+    chosen = ranked[:top_k]
+    for rank, candidate in enumerate(chosen, start=1):
+        log.info("rank %d: %s %s (%s = %.4f%s)", rank, candidate.variant, candidate.params,
+                 search.settings["search"]["metric"], candidate.score, "" if candidate.completed else ", stopped early")
+    variants = {c.name: _with_params(search.variants[c.variant], c.params) for c in chosen}
+    overrides = {c.name: [*search.overrides[c.variant], *c.overrides()] for c in chosen}
+    n_folds = _n_folds(next(iter(variants.values())))
+    folds = parse_folds(settings["folds"], n_folds)
+    experiment = given.get("experiment") or f"{search.experiment}-cv-top{top_k}"
+    storage = _absolute(given["storage_path"]) if "storage_path" in given else search.storage_path
+    return replace(search, experiment=experiment, storage_path=storage, variants=variants,
+                   overrides=overrides, folds=folds, search=[], settings=settings)
+
+
+def _n_folds(variant_yaml: str) -> int:
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.create(variant_yaml).splits.n_folds)
+
+
+def _absolute(storage_path: str) -> str:
+    return storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
