@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,7 @@ def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: Repo
     from viseg.preprocess import preprocess_dataset
     from viseg.resolve import resolve_config
 
+    started = time.perf_counter()
     prepared = prepared or prepare(cfg, progress)
     cfg = resolve_config(cfg, prepared.plans, prepared.configuration)
     run_dir = run_dir or run_dir_for(cfg, prepared)
@@ -225,8 +227,10 @@ def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: Repo
     validation = validate_full_cases(module.network, cfg, prepared, folder, run_dir, progress)
     result = TrainResult(run_dir=run_dir, epochs=trainer.current_epoch, ema_pseudo_dice=module.ema_pseudo_dice,
                          validation=validation)
+    # seconds: this call's own time (a resumed run counts only its last part), for the sweep-overhead bench
     write_json_atomic(run_dir / FINISHED_MARKER, {"epochs": result.epochs, "ema_pseudo_dice": result.ema_pseudo_dice,
-                                                  "mean_dice": validation["mean_dice"]})
+                                                  "mean_dice": validation["mean_dice"],
+                                                  "seconds": time.perf_counter() - started})
     return result
 
 

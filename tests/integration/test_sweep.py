@@ -137,7 +137,7 @@ def test_killed_driver_resumes_unfinished_trials_and_keeps_finished_ones(tmp_pat
 
 def trial_results(experiment: Path) -> list[dict]:
     rows = []
-    for path in experiment.glob("run_trial_*/result.json"):
+    for path in experiment.glob("*_fold*_*/result.json"):
         rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return rows
 

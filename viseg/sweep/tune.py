@@ -47,12 +47,20 @@ def trainable(plan: SweepPlan) -> Any:
     return tune.with_resources(with_data, {"cpu": resources["cpu"], "gpu": resources["gpu"]})
 
 
+def trial_name(trial: Any) -> str:
+    """`<variant>_fold<k>_<trial id>`: readable in Tune's table and folder listing, unique by the id."""
+    return f"{trial.config.get('variant')}_fold{trial.config.get('fold')}_{trial.trial_id}"
+
+
 def _tune_config(plan: SweepPlan) -> Any:
     from ray import tune
 
     settings, search = plan.settings, plan.settings["search"]
+    # reuse_actors: a trial's worker keeps torch and Lightning imported for the next trial (seconds each)
+    common = {"max_concurrent_trials": settings["max_concurrent_trials"], "reuse_actors": True,
+              "trial_name_creator": trial_name, "trial_dirname_creator": trial_name}
     if not plan.search:
-        return tune.TuneConfig(max_concurrent_trials=settings["max_concurrent_trials"])
+        return tune.TuneConfig(**common)
     from ray.tune.search.optuna import OptunaSearch
 
     scheduler = None
@@ -61,8 +69,7 @@ def _tune_config(plan: SweepPlan) -> Any:
 
         scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=1)
     return tune.TuneConfig(metric=search["metric"], mode=search["mode"], num_samples=settings["num_samples"],
-                           search_alg=OptunaSearch(seed=search["seed"]), scheduler=scheduler,
-                           max_concurrent_trials=settings["max_concurrent_trials"])
+                           search_alg=OptunaSearch(seed=search["seed"]), scheduler=scheduler, **common)
 
 
 def build_tuner(plan: SweepPlan) -> Any:
