@@ -1,8 +1,9 @@
 """Shared plumbing for the Hydra command lines (`python -m viseg.plan`, `viseg.verify`, ...).
 
 Each command composes `conf/<config-name>.yaml` over the ConfigStore schemas, converts it once to the
-typed `BaseConfig` (running all validation), and calls a task that only sees typed objects. Errors caused
-by user input print as one readable message (no traceback) and exit with status 2.
+typed config (`BaseConfig`, or a command's own schema such as `PredictConfig`; running all validation), and
+calls a task that only sees typed objects. Errors caused by user input print as one readable message (no
+traceback) and exit with status 2.
 """
 
 from __future__ import annotations
@@ -73,19 +74,23 @@ def with_app_help(argv: list[str], app: str) -> list[str]:
     return [argv[0], *args[:position], f"hydra/help={app}", *args[position:]]
 
 
-def run_app(task: Task, app: str, argv: list[str] | None = None) -> None:
-    """Run `task` as the Hydra application `viseg-<app>` (help text in conf/hydra/help/<app>.yaml)."""
+def run_app(task: Task, app: str, argv: list[str] | None = None, config_name: str = DEFAULT_CONFIG,
+            register: Callable[[], None] | None = None) -> None:
+    """Run `task` as the Hydra application `viseg-<app>` (help text in conf/hydra/help/<app>.yaml).
+
+    `config_name` and `register` let a command with its own schema (python -m viseg.predict) use the same
+    plumbing; by default the training schemas (BaseConfig and its groups) are registered."""
     import hydra
     from omegaconf import DictConfig
 
     from viseg.config import register_configs
 
-    register_configs()
+    (register or register_configs)()
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     sys.argv = with_app_help(sys.argv, app)
 
-    @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=DEFAULT_CONFIG)
+    @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)
     def _main(dict_cfg: DictConfig) -> None:
         configure_logging()
         try:

@@ -7,6 +7,7 @@ composition time, before any work starts. This is the only module that knows Hyd
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,9 +113,17 @@ class ResEncUnet3DConfig(ModelConfig):
 @dataclass
 class DatasetConfig:
     basepath: str | None = None  # None: the built-in demo dataset, generated on first use
-    pathfinder: str = "nnunet"  # a key of viseg.data.pathfinders.PATHFINDERS
+    pathfinder: str = "nnunet"  # a key of viseg.data.pathfinders.PATHFINDERS, never an import path
     img_foldername: str = "imagesTr"
     seg_foldername: str = "labelsTr"
+
+    def __post_init__(self) -> None:
+        # At composition, like scheduler and model names: later, the demo dataset would already be written.
+        from viseg.data.pathfinders import PATHFINDERS
+
+        if self.pathfinder not in PATHFINDERS:
+            raise ConfigError(f"dataset.pathfinder={self.pathfinder!r} is not a registered layout",
+                              fix=f"use one of {sorted(PATHFINDERS)}")
 
 
 @dataclass
@@ -342,6 +351,41 @@ def reject_derived_overrides(cfg: BaseConfig) -> None:
         )
 
 
+CHECKPOINTS = ("best", "last")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+@dataclass
+class PredictConfig:
+    """`python -m viseg.predict`: which trained runs predict which images, and how.
+
+    A separate schema from BaseConfig: prediction needs nothing of the training config, which every run
+    folder carries itself. `model` and `input` take comma lists as one string (the command line quotes
+    them, since Hydra would read an unquoted `a,b` as a sweep)."""
+
+    model: str = MISSING  # a run folder, a comma list of run folders, or a sweep experiment folder
+    variant: str | None = None  # with an experiment folder: the variant whose finished folds form the ensemble
+    input: str = MISSING  # a folder of <case>_<XXXX>.nii.gz files, or a comma list of files
+    output: str = MISSING  # folder for <case>.nii.gz (and <case>.npz with save_probabilities)
+    checkpoint: str = "best"  # best (moving-average pseudo-Dice) or last
+    mirror: bool = True  # test-time mirroring along the axes training mirrored (nnU-Net's default)
+    step: float = 0.5  # sliding-window step as a fraction of the patch (0.5: half a patch of overlap)
+    batch_size: int = 2  # windows per forward pass
+    save_probabilities: bool = False
+    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda or cuda:<index>
+
+    def __post_init__(self) -> None:
+        if self.checkpoint not in CHECKPOINTS:
+            raise ConfigError(f"checkpoint={self.checkpoint!r} is not a checkpoint name",
+                              fix=f"use one of {CHECKPOINTS}")
+        if not 0.0 < self.step <= 1.0:
+            raise ConfigError(f"step={self.step} must lie in (0, 1]", fix="use e.g. step=0.5 (nnU-Net's default)")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
+        if not _DEVICE.match(self.device):
+            raise ConfigError(f"device={self.device!r} is not a device", fix="use auto, cpu, cuda or cuda:<index>")
+
+
 MODEL_OPTIONS: dict[str, type[ModelConfig]] = {
     "plain_conv_unet_3d": PlainConvUnet3DConfig,
     "plain_conv_unet_2d": PlainConvUnet2DConfig,
@@ -358,3 +402,11 @@ def register_configs() -> None:
     for name, node in MODEL_OPTIONS.items():
         store.store(group="model", name=name, node=node)
     store.store(group="lr_scheduler", name="base_lr_scheduler", node=LRSchedulerConfig)
+
+
+def register_predict_configs() -> None:
+    """Store only the prediction schema. The training groups stay out on purpose: with a `model` config
+    group registered, Hydra would read `model=<run folder>` as a choice of that group."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="predict_base", node=PredictConfig)

@@ -8,7 +8,6 @@ nnU-Net's layout (metric_per_case, mean, foreground_mean) so existing nnU-Net to
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,9 +244,7 @@ def evaluate_command(cfg: EvaluateConfig) -> int:
 def main() -> None:
     from viseg.cli import run_app
 
-    register_evaluate_config()
-    # run_app composes anatomy_config unless told otherwise; a user's own --config-name still wins (last).
-    run_app(evaluate_command, app="evaluate", argv=[f"--config-name={CONFIG_NAME}", *sys.argv[1:]])
+    run_app(evaluate_command, app="evaluate", config_name=CONFIG_NAME, register=register_evaluate_config)
 
 
 if __name__ == "__main__":

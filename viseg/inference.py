@@ -89,12 +89,13 @@ def _predict(network: nn.Module, batch: Tensor, mirror_axes: Sequence[int]) -> T
 
 @torch.no_grad()
 def predict_volume(network: nn.Module, data: np.ndarray, patch_size: Sequence[int], num_classes: int,
-                   device: torch.device, mirror_axes: Sequence[int] = (), batch_size: int = 2) -> Tensor:
+                   device: torch.device, mirror_axes: Sequence[int] = (), batch_size: int = 2,
+                   step: float = 0.5) -> Tensor:
     """Softmax probabilities (K, Z, Y, X) for a preprocessed volume; a 2D network runs slice by slice."""
     volume = torch.from_numpy(np.array(data, dtype=np.float32)).to(device)  # a copy: memmaps are read-only
     if len(patch_size) == volume.ndim - 1:
-        return torch.softmax(sliding_window_logits(network, volume, patch_size, num_classes,
+        return torch.softmax(sliding_window_logits(network, volume, patch_size, num_classes, step=step,
                                                    batch_size=batch_size, mirror_axes=mirror_axes), 0)
-    slices = [sliding_window_logits(network, volume[:, z], patch_size, num_classes, batch_size=batch_size,
-                                    mirror_axes=mirror_axes) for z in range(volume.shape[1])]
+    slices = [sliding_window_logits(network, volume[:, z], patch_size, num_classes, step=step,
+                                    batch_size=batch_size, mirror_axes=mirror_axes) for z in range(volume.shape[1])]
     return torch.softmax(torch.stack(slices, dim=1), 0)

@@ -1,0 +1,219 @@
+"""`python -m viseg.predict`: sliding-window inference with fold ensembles, written as NIfTI.
+
+    python -m viseg.predict model=<run folder | run,run,... | experiment folder> [variant=<name>]
+        input=<folder | file,file,...> output=<folder> [checkpoint=best|last] [mirror=true] [step=0.5]
+        [batch_size=2] [save_probabilities=false] [device=auto]
+
+Per case: the same `preprocess_case` as training -> `predict_volume` per network (Gaussian-weighted sliding
+window, test-time mirroring along the axes training mirrored) -> softmax averaged over the ensemble ->
+`revert_geometry` back to the input's grid -> class -> label value -> postprocessing.json, if any -> NIfTI
+with the input's affine and header. The Python API (`load_ensemble`, `predict_case`) serves model selection,
+which predicts validation cases without the command line.
+
+A case that cannot be read or is named wrongly fails alone: the others are predicted, the failures are
+listed at the end and the exit status is 1. Errors about the model itself stop before any case (status 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from viseg.config import PredictConfig
+from viseg.errors import ConfigError, DatasetError, VisegError
+
+if TYPE_CHECKING:
+    from viseg.ensemble import Ensemble, Postprocessing
+    from viseg.predict_inputs import CaseInput
+
+log = logging.getLogger(__name__)
+PATH_KEYS = ("model", "input", "output")
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    mirror: bool = True
+    step: float = 0.5
+    batch_size: int = 2
+
+
+@dataclass
+class PredictionReport:
+    predicted: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)  # case id -> message naming the file
+
+
+def ensemble_probabilities(ensemble: Ensemble, data: np.ndarray, options: InferenceOptions) -> np.ndarray:
+    """Softmax averaged over the ensemble's networks, (K, *data's spatial shape) on the plan's grid.
+
+    Probabilities, not logits, are averaged, so every member weighs the same however confident it is."""
+    import torch
+
+    from viseg.inference import predict_volume
+
+    plan = ensemble.plans.configuration(ensemble.configuration)
+    axes = ensemble.mirror_axes if options.mirror else ()
+    device = ensemble.device
+    total = None
+    with torch.autocast(device.type, enabled=device.type == "cuda", dtype=torch.bfloat16):
+        for network in ensemble.networks:
+            probabilities = predict_volume(network, data, plan.patch_size, ensemble.num_classes, device,
+                                           mirror_axes=axes, batch_size=options.batch_size, step=options.step)
+            total = probabilities if total is None else total + probabilities
+    return (total / len(ensemble.networks)).float().cpu().numpy()
+
+
+def predict_case(ensemble: Ensemble, image: np.ndarray, spacing: tuple[float, ...],
+                 options: InferenceOptions | None = None) -> np.ndarray:
+    """(C, Z, Y, X) image with its (z, y, x) spacing -> (K, Z, Y, X) float32 class probabilities in the
+    image's own geometry. Class k is label value `ensemble.label_values[k]`."""
+    from viseg.export import revert_geometry
+    from viseg.preprocess import preprocess_case
+
+    if image.shape[0] != ensemble.plans.num_channels:
+        raise DatasetError(f"image has {image.shape[0]} channel(s); the model takes {ensemble.plans.num_channels}",
+                           fix="pass the channels in dataset.json's channel_names order")
+    data, _, properties = preprocess_case(image, None, spacing, ensemble.plans, ensemble.configuration)
+    probabilities = ensemble_probabilities(ensemble, data, options or InferenceOptions())
+    return revert_geometry(probabilities, properties, ensemble.plans, ensemble.configuration)
+
+
+def segment(probabilities: np.ndarray, label_values: tuple[int, ...],
+            postprocessing: Postprocessing | None = None) -> np.ndarray:
+    """Label map (original label values) from probabilities, postprocessed when a spec is given."""
+    from viseg.export import keep_largest_component, probabilities_to_labels
+
+    labels = probabilities_to_labels(probabilities, label_values)
+    if postprocessing is not None:
+        labels = keep_largest_component(labels, postprocessing.largest_component_labels)
+    return labels
+
+
+def check_postprocessing(postprocessing: Postprocessing | None, ensemble: Ensemble) -> None:
+    if postprocessing is None:
+        return
+    unknown = sorted(set(postprocessing.largest_component_labels) - set(ensemble.label_values[1:]))
+    if unknown:
+        raise ConfigError(f"{postprocessing.source} names label(s) {unknown} the model does not predict "
+                          f"(it predicts {list(ensemble.label_values[1:])})",
+                          fix="list only predicted label values in largest_component_labels")
+
+
+def _check_channel_file(ensemble: Ensemble, case_input: CaseInput) -> None:
+    """A Decathlon-layout file must hold exactly the model's channels (reading checks only that it has them)."""
+    from viseg.data.io import read_header
+
+    case = case_input.case
+    if ensemble.pathfinder != "decathlon" or case is None:
+        return
+    found = read_header(case.images[0].path).num_channels
+    if found != ensemble.plans.num_channels:
+        raise DatasetError(f"{case.images[0].path} holds {found} channel(s); the model takes "
+                           f"{ensemble.plans.num_channels}", fix="pass files with the training data's channels")
+
+
+def predict_one(ensemble: Ensemble, case_input: CaseInput, output: Path, options: InferenceOptions,
+                postprocessing: Postprocessing | None = None, save_probabilities: bool = False) -> Path:
+    """Read, predict and write one case; returns the label file. Input problems raise DatasetError."""
+    from viseg.data.io import read_case
+    from viseg.export import write_probabilities, write_segmentation
+
+    if case_input.case is None:
+        raise DatasetError(case_input.problem or f"case {case_input.case_id} cannot be read")
+    _check_channel_file(ensemble, case_input)
+    arrays = read_case(case_input.case, with_label=False)
+    probabilities = predict_case(ensemble, arrays.image, arrays.spacing, options)
+    target = output / f"{case_input.case_id}{ensemble.file_ending}"
+    write_segmentation(segment(probabilities, ensemble.label_values, postprocessing),
+                       case_input.case.images[0].path, target)
+    if save_probabilities:
+        write_probabilities(probabilities, ensemble.label_values, output / f"{case_input.case_id}.npz")
+    return target
+
+
+def predict_cases(ensemble: Ensemble, cases: list[CaseInput], output: Path, options: InferenceOptions,
+                  postprocessing: Postprocessing | None = None, save_probabilities: bool = False,
+                  progress: bool = True) -> PredictionReport:
+    """Every case in turn; a case whose input is bad is reported (naming its file) and skipped."""
+    from tqdm.auto import tqdm
+
+    output.mkdir(parents=True, exist_ok=True)
+    report = PredictionReport()
+    for case_input in tqdm(cases, desc="Predicting", unit="case", disable=not progress):
+        try:
+            predict_one(ensemble, case_input, output, options, postprocessing, save_probabilities)
+        except VisegError as exc:
+            report.failures[case_input.case_id] = str(exc)
+            tqdm.write(f"viseg predict: {case_input.case_id} failed: {exc}", file=sys.stderr)
+            continue
+        report.predicted.append(case_input.case_id)
+    return report
+
+
+def _describe(ensemble: Ensemble, cfg: PredictConfig, postprocessing: Postprocessing | None) -> None:
+    runs = "\n".join(f"  {d}" for d in ensemble.run_dirs)
+    mirror = list(ensemble.mirror_axes) if cfg.mirror and ensemble.mirror_axes else "off"
+    log.info("ensemble of %d run(s), checkpoint=%s, %s configuration, predicting labels %s:\n%s",
+             len(ensemble.run_dirs), cfg.checkpoint, ensemble.configuration, list(ensemble.label_values[1:]), runs)
+    log.info("device %s, mirror axes %s, step %s, postprocessing %s", ensemble.device, mirror, cfg.step,
+             f"{postprocessing.source} (largest component of {list(postprocessing.largest_component_labels)})"
+             if postprocessing else "none")
+    if cfg.mirror and not ensemble.mirror_axes:
+        log.warning("mirror=true, but training did not mirror: predicting without test-time mirroring")
+
+
+def _print_report(report: PredictionReport, output: Path) -> int:
+    print(f"predicted {len(report.predicted)} case(s) into {output}")
+    if not report.failures:
+        return 0
+    total = len(report.predicted) + len(report.failures)
+    lines = "\n".join(f"  {case}: {message}" for case, message in sorted(report.failures.items()))
+    print(f"viseg predict: {len(report.failures)} of {total} case(s) failed:\n{lines}", file=sys.stderr)
+    return 1
+
+
+def predict_command(cfg: PredictConfig, progress: bool = True) -> int:
+    """`python -m viseg.predict`: 0 when every case was predicted, 1 when some failed."""
+    from viseg.ensemble import load_ensemble, resolve_model
+    from viseg.predict_inputs import find_cases
+
+    selection = resolve_model(cfg.model, cfg.variant)
+    ensemble = load_ensemble(selection.run_dirs, cfg.checkpoint, cfg.device)
+    check_postprocessing(selection.postprocessing, ensemble)
+    cases = find_cases(cfg.input, ensemble.plans.channel_names, ensemble.pathfinder)
+    _describe(ensemble, cfg, selection.postprocessing)
+    options = InferenceOptions(mirror=cfg.mirror, step=cfg.step, batch_size=cfg.batch_size)
+    output = Path(cfg.output).expanduser()
+    report = predict_cases(ensemble, cases, output, options, selection.postprocessing, cfg.save_probabilities,
+                           progress)
+    return _print_report(report, output)
+
+
+def quote_paths(argv: list[str]) -> list[str]:
+    """Quote the values of model=, input= and output=: Hydra reads an unquoted `a,b` as a sweep over a and
+    b, and stumbles over characters such as parentheses that paths may hold."""
+    quoted = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in PATH_KEYS and value and value[0] not in "'\"":
+            quote = "'" if "'" not in value else '"'
+            arg = f"{key}={quote}{value}{quote}"
+        quoted.append(arg)
+    return quoted
+
+
+def main() -> None:
+    from viseg.cli import run_app
+    from viseg.config import register_predict_configs
+
+    run_app(predict_command, app="predict", argv=quote_paths(sys.argv[1:]), config_name="predict",
+            register=register_predict_configs)
+
+
+if __name__ == "__main__":
+    main()
