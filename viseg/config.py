@@ -319,6 +319,11 @@ class BaseConfig:
                 )
         if self.patch_size is not None and any(v < 1 for v in self.patch_size):
             raise ConfigError(f"patch_size={list(self.patch_size)} must contain positive integers")
+        dim = getattr(getattr(self.model, "model_args", None), "conv_dim", None)
+        if self.patch_size is not None and dim is not None and len(self.patch_size) != dim:
+            # here, not in the planner: by then the dataset would be verified and fingerprinted for nothing
+            raise ConfigError(f"patch_size={list(self.patch_size)} has {len(self.patch_size)} values but the "
+                              f"model is {dim}D", fix=f"give {dim} values, in the network's (transposed) axis order")
         if self.spacing is not None and any(not v > 0 for v in self.spacing):
             raise ConfigError(f"spacing={list(self.spacing)} must contain positive values (mm)")
         if self.batch_size is not None and self.batch_size < 1:
@@ -373,6 +378,7 @@ class PredictConfig:
     batch_size: int = 2  # windows per forward pass
     save_probabilities: bool = False
     device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda or cuda:<index>
+    postprocessing: str | None = None  # a postprocessing.json to apply instead of the one found beside the runs
 
     def __post_init__(self) -> None:
         if self.checkpoint not in CHECKPOINTS:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from viseg.predict_inputs import CaseInput
 
 log = logging.getLogger(__name__)
-PATH_KEYS = ("model", "input", "output")
+PATH_KEYS = ("model", "input", "output", "postprocessing")
 
 
 @dataclass(frozen=True)
@@ -179,10 +179,12 @@ def _print_report(report: PredictionReport, output: Path) -> int:
 
 def predict_command(cfg: PredictConfig, progress: bool = True) -> int:
     """`python -m viseg.predict`: 0 when every case was predicted, 1 when some failed."""
-    from viseg.ensemble import load_ensemble, resolve_model
+    from viseg.ensemble import Postprocessing, load_ensemble, resolve_model
     from viseg.predict_inputs import find_cases
 
     selection = resolve_model(cfg.model, cfg.variant)
+    if cfg.postprocessing:  # explicit (e.g. an ensemble chosen by best=): wins over what sits beside the runs
+        selection = replace(selection, postprocessing=Postprocessing.load(Path(cfg.postprocessing).expanduser()))
     ensemble = load_ensemble(selection.run_dirs, cfg.checkpoint, cfg.device)
     check_postprocessing(selection.postprocessing, ensemble)
     cases = find_cases(cfg.input, ensemble.plans.channel_names, ensemble.pathfinder)

@@ -6,12 +6,15 @@ import contextlib
 import csv
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -40,6 +43,53 @@ def test_reduced_main_command_runs_every_trial_and_prepares_once(tmp_path: Path)
     assert sorted(v["variant"] for v in summary) == ["lr_scheduler-poly", "lr_scheduler-step_lr"]
     assert all(v["folds_finished"] == [0, 1] for v in summary)
     assert (experiment / "summary.png").is_file() and "lr_scheduler-poly" in result.stdout
+    check_best_then_predict(experiment, tmp_path)
+
+
+def check_best_then_predict(experiment: Path, work: Path) -> None:
+    """best= on the finished sweep: full-resolution CV Dice per variant and for their ensemble, then the
+    printed predict command works as printed."""
+    result = sweep(f"best={experiment}", "selection.mirror=false", cwd=work)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((experiment / "selection" / "best.json").read_text())
+    singles = [c["name"] for c in report["candidates"] if not c["name"].startswith("ensemble")]
+    assert sorted(singles) == ["lr_scheduler-poly", "lr_scheduler-step_lr"]
+    assert len(report["candidates"]) == 3  # the two variants, ranked, and the ensemble of the top two
+    ranked = [c["mean_dice"] for c in report["candidates"]]
+    assert ranked == sorted(ranked, reverse=True) and report["best"] == report["candidates"][0]
+    # every validation case of both folds, scored at full resolution: 2 folds x (20 cases / 3 folds)
+    assert all(c["n_cases"] == 14 for c in report["candidates"])
+
+    # the ensemble's Dice, recomputed independently from the cached probabilities and the label files
+    ensemble = next(c for c in report["candidates"] if c["name"].startswith("ensemble"))
+    predictions = experiment / "selection" / "predictions"
+    config = OmegaConf.load(next((experiment / "runs").rglob("fold_0/config.yaml")))
+    labels_dir = Path(config.dataset.basepath) / "labelsTr"
+    organ = []
+    for npz in sorted((predictions / "lr_scheduler-poly").glob("*.npz")):
+        mean = np.mean([np.load(predictions / v / npz.name)["probabilities"].astype(np.float32)
+                        for v in ("lr_scheduler-poly", "lr_scheduler-step_lr")], axis=0)
+        truth = np.asarray(nib.load(labels_dir / f"{npz.stem}.nii.gz").dataobj).transpose(2, 1, 0)
+        predicted = mean.argmax(0) == 1
+        organ.append(2 * (predicted & (truth == 1)).sum() / (predicted.sum() + (truth == 1).sum()))
+    assert ensemble["dice_per_label"]["1"] == pytest.approx(float(np.mean(organ)), abs=1e-6)
+
+    spec = json.loads((experiment / "selection" / "postprocessing.json").read_text())
+    assert set(spec["largest_component_labels"]) <= {1, 2, 3}
+    command = report["predict_command"]
+    assert command in result.stdout
+    images = work / "predict_in"
+    images.mkdir()
+    for case in ("demo_000", "demo_001"):
+        (images / f"{case}_0000.nii.gz").symlink_to(Path(config.dataset.basepath) / "imagesTr" / f"{case}_0000.nii.gz")
+    args = shlex.split(command)[3:]
+    args = [f"input={images}" if a.startswith("input=") else f"output={work / 'pred'}" if a.startswith("output=")
+            else a for a in args]
+    predicted = subprocess.run([sys.executable, "-m", "viseg.predict", *args, "mirror=false"], cwd=work,
+                               capture_output=True, text=True, timeout=600)
+    assert predicted.returncode == 0, predicted.stdout[-3000:] + predicted.stderr[-3000:]
+    assert sorted(p.name for p in (work / "pred").glob("*.nii.gz")) == ["demo_000.nii.gz", "demo_001.nii.gz"]
+    assert "postprocessing" in predicted.stderr + predicted.stdout
 
 
 def test_dry_run_prints_trials_and_starts_nothing(tmp_path: Path):

@@ -29,6 +29,11 @@ Sweep settings (a sweep spec in sweeps/<name>.yaml may set them; the command lin
   resume=<experiment path>       continue a stopped sweep: unfinished and errored trials resume from
                                  their last checkpoint, finished trials are kept
   summary=<experiment path>      print and write the cross-validation summary (also while running)
+  cross_validate=<search path> top_k=1   run the best searched configuration(s) over all folds
+  best=<experiment path>         choose what to deploy: cross-validation Dice of every variant predicted at
+                                 full resolution, the top two ensembled, largest-component postprocessing
+                                 per label where it helps; writes selection/best.json, prints the predict
+                                 command (selection.ensembles=true selection.mirror=true selection.checkpoint=best)
 
 Without dataset.basepath (and without sweep=), the demo spec runs on the built-in demo dataset with a
 small budget, so `python -m viseg.sweep folds=0-4 lr_scheduler=step_lr,poly` finishes on a laptop CPU.

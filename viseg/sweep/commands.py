@@ -64,6 +64,20 @@ def _start(plan: SweepPlan) -> int:
     return _finish(plan, build_tuner(plan).fit())
 
 
+def choose_best(args: list[str], sweeps_dir: Path) -> int:
+    """Cross-validation Dice at full resolution per variant (and the top two ensembled), postprocessing."""
+    from viseg.sweep.best import render, select_best
+
+    settings = parse_request(args, sweeps_dir).settings
+    experiment = Path(settings.best or "")
+    if not (experiment / "runs").is_dir():
+        raise ConfigError(f"{experiment} is not a sweep experiment folder (no runs/)",
+                          fix="pass the experiment folder printed when the sweep started")
+    choice = settings.selection
+    print(render(select_best(experiment, choice.ensembles, choice.checkpoint, choice.mirror)))
+    return 0
+
+
 def resume(experiment: str) -> int:
     from viseg.sweep.tune import init_ray, restore_tuner
 
@@ -80,4 +94,6 @@ def run(args: list[str], sweeps_dir: Path) -> int:
             return handler(target)
     if any(a.startswith("cross_validate=") for a in args):
         return cross_validate(args, sweeps_dir)
+    if any(a.startswith("best=") for a in args):
+        return choose_best(args, sweeps_dir)
     return new_sweep(args, sweeps_dir)

@@ -16,7 +16,7 @@ from viseg.errors import ConfigError
 
 SWEEP_KEYS = ("folds", "sweep", "dry_run", "resume", "summary", "cross_validate", "top_k", "experiment",
               "storage_path", "num_samples", "max_concurrent_trials", "max_failures", "checkpoints_to_keep",
-              "resources", "search", "config_name")
+              "resources", "search", "config_name", "best", "selection")
 # Values that change the plan or the data cannot be searched: every trial of a search shares one plan.
 UNSEARCHABLE_PREFIXES = ("patch_size", "spacing", "batch_size", "transpose_", "foreground_labels", "model",
                          "plan.", "dataset.", "splits.", "num_channels", "num_classes", "fold", "paths.")
@@ -38,6 +38,20 @@ class SearchConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """How best= scores the variants (nnU-Net's find_best_configuration validates with mirroring on)."""
+
+    ensembles: bool = True  # also score the top two variants averaged
+    checkpoint: str = "best"  # best (moving-average pseudo-Dice) or last, as python -m viseg.predict
+    mirror: bool = True
+
+    def __post_init__(self) -> None:
+        if self.checkpoint not in ("best", "last"):
+            raise ConfigError(f"selection.checkpoint={self.checkpoint!r} is not a checkpoint name",
+                              fix="use selection.checkpoint=best or last")
+
+
+@dataclass
 class SweepConfig:
     config_name: str = "anatomy_config"
     folds: Any = "0-4"
@@ -54,6 +68,8 @@ class SweepConfig:
     summary: str | None = None
     cross_validate: str | None = None
     top_k: int = 1
+    best: str | None = None  # an experiment to choose the configuration to deploy from
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     sweep: str | None = None
     overrides: list[str] = field(default_factory=list)  # fixed training overrides from a spec file
 

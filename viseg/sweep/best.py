@@ -1,0 +1,254 @@
+"""`best=<experiment>`: pick what to deploy from a finished sweep, as nnU-Net's find_best_configuration does.
+
+Pseudo-Dice and the preprocessed-grid validation of training are good enough to watch a run, not to choose
+between runs: this step predicts every fold's validation cases again, at the images' full resolution and in
+their own geometry (the same `predict_case` as `python -m viseg.predict`), and scores them against the
+original label files. Every case is scored by the fold that did not train on it, so each variant's number
+is a true cross-validation Dice.
+
+Then, as nnU-Net: the two best variants are also ensembled (their probabilities averaged per case), the best
+candidate wins, and for each of its labels keeping only the largest connected component is adopted when it
+raises that label's mean Dice. Everything lands in `<experiment>/selection/`:
+
+    predictions/<variant>/<case>.npz   cross-validation probabilities (float16); reused by a second call
+    best.json                          every candidate's Dice per label, the winner, postprocessing, command
+    postprocessing.json                read by `python -m viseg.predict` (also put in the winning variant's
+                                       folder, where `model=<experiment> variant=<v>` finds it by itself)
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from viseg.errors import ConfigError
+from viseg.jsonio import read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+SELECTION_DIR = "selection"
+FINISHED_MARKER = "finished.json"
+LoadProbabilities = Callable[[str], np.ndarray]
+
+
+@dataclass
+class Candidate:
+    name: str
+    members: list[str]  # variants whose probabilities are averaged (one for a single variant)
+    dice_per_label: dict[str, float | None]
+    mean_dice: float | None  # mean over labels of the per-label mean over cases
+    n_cases: int
+    run_dirs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Reference:
+    """The original label map of a validation case, and which label values the models predict."""
+
+    labels: dict[str, np.ndarray]  # case id -> label map (original geometry)
+    label_values: tuple[int, ...]  # index k -> label value; 0 is background
+
+
+def finished_variants(experiment: Path) -> dict[str, dict[int, Path]]:
+    from viseg.ensemble import experiment_variants
+
+    variants = {}
+    for name, folds in experiment_variants(experiment).items():
+        done = {k: d for k, d in folds.items() if (d / FINISHED_MARKER).is_file()}
+        if done:
+            variants[name] = done
+    if not variants:
+        raise ConfigError(f"{experiment} has no finished run folder under runs/",
+                          fix="let the sweep finish (resume= it) before choosing the best configuration")
+    return variants
+
+
+def _validation_cases(run_dir: Path, fold: int) -> tuple[list[Any], Any]:
+    """The fold's validation cases (with their files) as the run's dataset config discovers them."""
+    from omegaconf import OmegaConf
+
+    from viseg.cli import to_typed
+    from viseg.config import BaseConfig
+    from viseg.prepare import discover
+
+    cfg = to_typed(OmegaConf.merge(OmegaConf.structured(BaseConfig), OmegaConf.load(run_dir / "config.yaml")))
+    val_ids = set(read_json(run_dir / "splits.json")[fold]["val"])
+    cases = [c for c in discover(cfg, progress=False).cases if c.case_id in val_ids]
+    if len(cases) != len(val_ids):
+        missing = sorted(val_ids - {c.case_id for c in cases})
+        raise ConfigError(f"{run_dir}: validation cases {missing[:5]} are no longer in {cfg.dataset.basepath}",
+                          fix="point dataset.basepath of the runs at the dataset they were trained on")
+    return cases, cfg
+
+
+def predict_validation(variant: str, folds: dict[int, Path], out_dir: Path, checkpoint: str, mirror: bool,
+                       references: dict[str, np.ndarray], progress: bool) -> tuple[int, ...]:
+    """Full-resolution probabilities of every validation case of every fold, cached as .npz per case."""
+    from tqdm.auto import tqdm
+
+    from viseg.data.io import read_case
+    from viseg.ensemble import load_ensemble
+    from viseg.predict import InferenceOptions, predict_case
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    label_values: tuple[int, ...] = ()
+    for fold, run_dir in sorted(folds.items()):
+        cases, _ = _validation_cases(run_dir, fold)
+        ensemble = load_ensemble([run_dir], checkpoint)
+        label_values = ensemble.label_values
+        for case in tqdm(cases, desc=f"{variant} fold {fold}", unit="case", disable=not progress):
+            target = out_dir / f"{case.case_id}.npz"
+            if case.case_id not in references:
+                references[case.case_id] = read_case(case).label
+            if target.is_file():
+                continue
+            arrays = read_case(case, with_label=False)
+            probabilities = predict_case(ensemble, arrays.image, arrays.spacing, InferenceOptions(mirror=mirror))
+            tmp = target.with_name(f".{target.stem}.tmp.npz")
+            np.savez_compressed(tmp, probabilities=probabilities.astype(np.float16))
+            tmp.replace(target)
+    return label_values
+
+
+def _dice(prediction: np.ndarray, reference: np.ndarray, value: int) -> float | None:
+    from viseg.metrics import dice_iou, overlap_counts
+
+    return dice_iou(*overlap_counts(prediction == value, reference == value))[0]
+
+
+def score(load: LoadProbabilities, reference: Reference, largest_component: Iterable[int] = ()) -> dict[str, Any]:
+    """Mean Dice per label over the cases (cases where a label is absent from both are left out)."""
+    from viseg.export import keep_largest_component, probabilities_to_labels
+
+    keep = list(largest_component)
+    per_label: dict[str, list[float]] = {str(v): [] for v in reference.label_values[1:]}
+    for case_id, truth in reference.labels.items():
+        prediction = probabilities_to_labels(load(case_id), reference.label_values)
+        if keep:
+            prediction = keep_largest_component(prediction, keep)
+        for value in reference.label_values[1:]:
+            dice = _dice(prediction, truth, value)
+            if dice is not None:
+                per_label[str(value)].append(dice)
+    means = {k: float(np.mean(v)) if v else None for k, v in per_label.items()}
+    defined = [v for v in means.values() if v is not None]
+    return {"dice_per_label": means, "mean_dice": float(np.mean(defined)) if defined else None}
+
+
+def _loader(folders: list[Path]) -> LoadProbabilities:
+    """Probabilities of a case, averaged over the folders' members (one folder: that variant alone)."""
+    def load(case_id: str) -> np.ndarray:
+        arrays = [np.load(folder / f"{case_id}.npz")["probabilities"].astype(np.float32) for folder in folders]
+        return np.mean(arrays, axis=0) if len(arrays) > 1 else arrays[0]
+
+    return load
+
+
+def _rank(candidates: list[Candidate]) -> list[Candidate]:
+    return sorted(candidates, key=lambda c: -1.0 if c.mean_dice is None else c.mean_dice, reverse=True)
+
+
+def choose_postprocessing(load: LoadProbabilities, reference: Reference, baseline: dict[str, Any]) -> dict[str, Any]:
+    """Per label: keep the largest component only if that raises the label's mean Dice (nnU-Net's test)."""
+    chosen = []
+    for value in reference.label_values[1:]:
+        trial = score(load, reference, [value])["dice_per_label"][str(value)]
+        before = baseline["dice_per_label"][str(value)]
+        if trial is not None and before is not None and trial > before:
+            chosen.append(value)
+    after = score(load, reference, chosen) if chosen else baseline
+    return {"largest_component_labels": chosen, "dice_per_label_before": baseline["dice_per_label"],
+            "dice_per_label_after": after["dice_per_label"], "mean_dice_before": baseline["mean_dice"],
+            "mean_dice_after": after["mean_dice"]}
+
+
+def predict_command(experiment: Path, best: Candidate, postprocessing_file: Path) -> str:
+    if len(best.members) == 1:
+        return shlex.join(["python", "-m", "viseg.predict", f"model={experiment}", f"variant={best.members[0]}",
+                           "input=<images folder>", "output=<output folder>"])
+    return shlex.join(["python", "-m", "viseg.predict", f"model={','.join(best.run_dirs)}",
+                       f"postprocessing={postprocessing_file}", "input=<images folder>", "output=<output folder>"])
+
+
+def select_best(experiment: Path, ensembles: bool = True, checkpoint: str = "best", mirror: bool = True,
+                progress: bool = True) -> dict[str, Any]:
+    experiment = Path(experiment).expanduser().resolve()
+    variants = finished_variants(experiment)
+    selection = experiment / SELECTION_DIR
+    folders = {v: selection / "predictions" / v.replace("/", "_") for v in variants}
+    labels: dict[str, np.ndarray] = {}
+    values = {v: predict_validation(v, folds, folders[v], checkpoint, mirror, labels, progress)
+              for v, folds in variants.items()}
+    candidates = []
+    for variant, folds in variants.items():
+        reference = _reference_for(labels, folders[variant], values[variant])
+        result = score(_loader([folders[variant]]), reference)
+        candidates.append(Candidate(variant, [variant], result["dice_per_label"], result["mean_dice"],
+                                    len(reference.labels), [str(d) for _, d in sorted(folds.items())]))
+    candidates = _rank(candidates)
+    if ensembles and len(candidates) >= 2:
+        candidates = _rank([*candidates, *_ensemble(candidates[:2], folders, labels, values)])
+    best = candidates[0]
+    member_folders = [folders[m] for m in best.members]
+    reference = _reference_for(labels, member_folders[0], values[best.members[0]])
+    postprocessing = choose_postprocessing(_loader(member_folders), reference, asdict(best))
+    postprocessing_file = selection / "postprocessing.json"
+    spec = {"largest_component_labels": postprocessing["largest_component_labels"]}
+    write_json_atomic(postprocessing_file, spec)
+    if len(best.members) == 1:
+        write_json_atomic(Path(best.run_dirs[0]).parent / "postprocessing.json", spec)
+    report = {"experiment": str(experiment), "checkpoint": checkpoint, "mirror": mirror,
+              "metric": "mean over labels of the mean Dice over full-resolution cross-validation cases",
+              "candidates": [asdict(c) for c in candidates], "best": asdict(best), "postprocessing": postprocessing,
+              "postprocessing_file": str(postprocessing_file),
+              "predict_command": predict_command(experiment, best, postprocessing_file)}
+    write_json_atomic(selection / "best.json", report)
+    return report
+
+
+def _reference_for(labels: dict[str, np.ndarray], folder: Path, label_values: tuple[int, ...]) -> Reference:
+    """The cases this variant predicted (its folds' validation cases)."""
+    return Reference({c: labels[c] for c in sorted(labels) if (folder / f"{c}.npz").is_file()}, label_values)
+
+
+def _ensemble(top: list[Candidate], folders: dict[str, Path], labels: dict[str, np.ndarray],
+              values: dict[str, tuple[int, ...]]) -> list[Candidate]:
+    """The top two variants averaged, when they predict the same labels for the same cases."""
+    a, b = (c.members[0] for c in top)
+    ref_a, ref_b = (_reference_for(labels, folders[v], values[v]) for v in (a, b))
+    if values[a] != values[b] or set(ref_a.labels) != set(ref_b.labels):
+        log.warning("not ensembling %s and %s: they predict different labels or cases", a, b)
+        return []
+    result = score(_loader([folders[a], folders[b]]), ref_a)
+    return [Candidate(f"ensemble({a}+{b})", [a, b], result["dice_per_label"], result["mean_dice"],
+                      len(ref_a.labels), [*top[0].run_dirs, *top[1].run_dirs])]
+
+
+def render(report: dict[str, Any]) -> str:
+    candidates = report["candidates"]
+    labels = list(candidates[0]["dice_per_label"])
+    width = max(len(c["name"]) for c in candidates) + 2
+    head = f"  {'candidate':{width}}" + "".join(f"{'dice ' + label:>12}" for label in labels) + f"{'mean':>10}"
+    lines = [head, "-" * len(head)]
+    for c in candidates:
+        mark = "*" if c["name"] == report["best"]["name"] else " "
+        cells = "".join(f"{_fmt(c['dice_per_label'][label]):>12}" for label in labels)
+        lines.append(f"{mark} {c['name']:{width}}{cells}{_fmt(c['mean_dice']):>10}")
+    post = report["postprocessing"]
+    kept = post["largest_component_labels"]
+    lines += ["", f"* best: {report['best']['name']} ({report['best']['n_cases']} cross-validation cases at full "
+                  "resolution)",
+              f"postprocessing: largest component of labels {kept} (mean Dice {_fmt(post['mean_dice_before'])} -> "
+              f"{_fmt(post['mean_dice_after'])})" if kept else "postprocessing: none improves Dice",
+              f"written: {Path(report['experiment']) / SELECTION_DIR / 'best.json'}",
+              f"predict with:\n  {report['predict_command']}"]
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
