@@ -1,0 +1,75 @@
+"""Sweep overhead: wall time of an N-trial `python -m viseg.sweep` against the sum of its trials' own training
+time (train()'s seconds, written by every trial into its run folder's finished.json), on the same machine.
+
+Trials run one at a time (max_concurrent_trials=1), so the difference is exactly what the sweep layer
+adds: interpreter and Ray start-up, composing and checking the variants, placing trials, per-epoch
+checkpoint reports to Tune, experiment-state snapshots and the summary. A warm-up sweep first fills the
+demo dataset and preprocessing cache, which both paths would share.
+
+    .venv/bin/python bench/sweep_overhead.py                        # 4 trials of ~3 min each on a 2-core CPU
+    .venv/bin/python bench/sweep_overhead.py --folds 0-1 --epochs 3 --iterations 10   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_sweep(work: Path, experiment: str, args: list[str]) -> float:
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "viseg.sweep", *args, f"experiment={experiment}",
+                             "max_concurrent_trials=1"], cwd=work, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        sys.exit(f"sweep failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return wall
+
+
+def trial_seconds(experiment_dir: Path) -> list[float]:
+    return [json.loads(p.read_text())["seconds"] for p in sorted((experiment_dir / "runs").rglob("finished.json"))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folds", default="0-3", help="folds of the demo dataset, one trial each (default 0-3)")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=40, help="iterations per epoch")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sweep_overhead.json")
+    options = parser.parse_args()
+
+    budget = [f"trainer.max_epochs={options.epochs}", f"trainer.iterations_per_epoch={options.iterations}",
+              "trainer.val_iterations=2", "splits.n_folds=5"]
+    with tempfile.TemporaryDirectory(prefix="viseg-bench-sweep-") as tmp:
+        work = Path(tmp)
+        run_sweep(work, "warmup", ["folds=0", "trainer.max_epochs=1", "trainer.iterations_per_epoch=1",
+                                   "trainer.val_iterations=1", "splits.n_folds=5"])
+        wall = run_sweep(work, "measured", [f"folds={options.folds}", *budget])
+        seconds = trial_seconds(work / "results" / "sweeps" / "measured")
+    total = sum(seconds)
+    result = {
+        "trials": len(seconds), "epochs": options.epochs, "iterations_per_epoch": options.iterations,
+        "trial_train_seconds": [round(s, 2) for s in seconds], "sum_trial_seconds": round(total, 2),
+        "sweep_wall_seconds": round(wall, 2), "overhead_seconds": round(wall - total, 2),
+        "overhead_per_trial_seconds": round((wall - total) / len(seconds), 2),
+        "overhead_fraction": round((wall - total) / total, 4),
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    options.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"\nsweep overhead: {100 * result['overhead_fraction']:.1f} % of the trials' own training time "
+          f"({result['overhead_per_trial_seconds']} s per trial)")
+
+
+if __name__ == "__main__":
+    main()
