@@ -22,3 +22,7 @@ class ConfigError(VisegError, ValueError):
 
 class DatasetError(VisegError):
     """A dataset that cannot be read or does not pass verification."""
+
+
+class TrainingError(VisegError):
+    """Training cannot go on (e.g. the loss diverged); the run folder keeps its last good checkpoint."""

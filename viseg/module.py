@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from viseg.config import LRSchedulerConfig, OptimizerConfig
+from viseg.errors import TrainingError
 from viseg.schedulers import build_scheduler
 
 Batch = tuple[Tensor, Tensor]
@@ -47,6 +48,11 @@ class SegmentationModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         data, seg = batch
         loss = self.loss(self.network(data), seg)
+        if not torch.isfinite(loss):
+            # stop before the optimizer step: the weights and the last checkpoint stay finite
+            raise TrainingError(f"the training loss is {float(loss)} at epoch {self.current_epoch}, step "
+                                f"{batch_idx}: training diverged",
+                                fix="lower optimizer.lr, or clip gradients with trainer.gradient_clip_val")
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=data.shape[0])
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True,
                  batch_size=data.shape[0])

@@ -239,3 +239,17 @@ def test_optuna_search_then_cross_validation_of_the_best_configuration(tmp_path:
         assert (run / "finished.json").is_file()
     summary = json.loads((cv / "summary.json").read_text())
     assert [s["folds_finished"] for s in summary] == [[0, 1]]
+
+
+def test_a_diverging_trial_fails_alone_and_the_summary_marks_it(tmp_path: Path):
+    result = sweep("folds=0", "optimizer.lr=0.01,1e30", "trainer.max_epochs=1", "trainer.iterations_per_epoch=3",
+                   *TINY, "max_failures=0", "experiment=diverged", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    experiment = tmp_path / "results" / "sweeps" / "diverged"
+    errors = json.loads((experiment / "errors.json").read_text())
+    assert [(e["variant"], e["fold"]) for e in errors] == [("lr-1e_30", 0)]
+    assert errors[0]["error"].startswith("TrainingError: the training loss is nan") and "fix:" in errors[0]["error"]
+    summary = {s["variant"]: s for s in json.loads((experiment / "summary.json").read_text())}
+    assert summary["lr-0.01"]["folds_finished"] == [0] and summary["lr-0.01"]["best"]
+    assert summary["lr-1e_30"]["folds_failed"] == [0] and "diverged" in summary["lr-1e_30"]["errors"]["0"]
+    assert f"resume={experiment}" in result.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,13 @@ def restore_tuner(plan: SweepPlan) -> Any:
                               resume_errored=True)
 
 
+def error_message(error: BaseException) -> str:
+    """The trial's own exception (a viseg error keeps its fix), not Ray's wrapper header."""
+    cause = getattr(error, "cause", None) or error
+    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(cause).__name__}: {cause}")
+    return text.strip()[:1000]
+
+
 def record_errors(plan: SweepPlan, results: Any) -> list[dict[str, Any]]:
     """Failed trials, kept beside the summary so it can mark them."""
     errors = []
@@ -99,7 +107,7 @@ def record_errors(plan: SweepPlan, results: Any) -> list[dict[str, Any]]:
         if result.error is not None:
             config = result.config or {}
             errors.append({"variant": config.get("variant"), "fold": config.get("fold"),
-                           "error": str(result.error).splitlines()[0][:500]})
+                           "error": error_message(result.error)})
     write_json_atomic(Path(plan.experiment_dir) / "errors.json", errors)
     return errors
 
