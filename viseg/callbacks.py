@@ -15,6 +15,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from viseg.checkpoints import keep_previous
+
 ReportFn = Callable[[dict[str, float], Path], None]
 BEST_METRIC = "val/ema_pseudo_dice"
 
@@ -48,6 +50,7 @@ class RunCheckpoints(L.Callback):
         improved = score is not None and (self.best is None or float(score) > self.best)
         if improved:
             self.best = float(score)
+        keep_previous(self.directory)  # a resume falls back to it should last.ckpt ever be damaged
         atomic_save_checkpoint(trainer, self.directory / "last.ckpt")
         if improved:
             atomic_save_checkpoint(trainer, self.directory / "best.ckpt")

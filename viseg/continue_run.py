@@ -60,8 +60,11 @@ def continue_config(run_dir: Path, overrides: list[str]) -> BaseConfig:
 
 
 def last_checkpoint(run_dir: Path) -> Path:
-    path = run_dir / "checkpoints" / "last.ckpt"
-    if not path.is_file():
+    """The newest checkpoint that loads: last.ckpt, or previous.ckpt when last.ckpt is damaged."""
+    from viseg.checkpoints import newest_good_checkpoint
+
+    path = newest_good_checkpoint(run_dir / "checkpoints")
+    if path is None:
         raise ConfigError(f"{run_dir} has no checkpoints/last.ckpt to continue from",
                           fix="the run stopped before its first epoch ended: start it again without "
                               "continue_from (remove the folder first)")

@@ -7,6 +7,7 @@ complete) when that folder is on this node, else the checkpoint Ray restored int
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -14,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from viseg.config import BaseConfig
+from viseg.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def trial_config(variant_yaml: str, fold: int, params: dict[str, Any], name: str, results: str) -> BaseConfig:
@@ -52,9 +56,16 @@ def _report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
 def _resume_checkpoint(run_dir: Path) -> Path | None:
     import ray.tune
 
+    from viseg.checkpoints import newest_good_checkpoint
+
     local = run_dir / "checkpoints" / "last.ckpt"
-    if local.is_file():
-        return local
+    try:
+        found = newest_good_checkpoint(local.parent) if local.parent.is_dir() else None
+    except ConfigError as exc:  # both local files damaged: Ray's copy of the last report is the way back
+        log.warning("%s; trying the checkpoint Ray kept", exc)
+        found = None
+    if found is not None:
+        return found
     checkpoint = ray.tune.get_checkpoint()
     if checkpoint is None:
         return None
@@ -83,5 +94,7 @@ def run_trial(config: dict[str, Any], variants: dict[str, str], runs_dir: str) -
                    run_dir=run_dir, progress=False)
     final = {f"final/dice_{label}": value for label, value in result.validation["mean_dice_per_class"].items()
              if value is not None}
+    # node_id: which Ray node trained the fold (the cluster test checks that trials spread over nodes)
     ray.tune.report({"val/ema_pseudo_dice": result.ema_pseudo_dice or 0.0, "final/mean_dice":
-                     result.validation["mean_dice"] or 0.0, "run_dir": str(run_dir), **final})
+                     result.validation["mean_dice"] or 0.0, "run_dir": str(run_dir),
+                     "node_id": ray.get_runtime_context().get_node_id(), **final})
