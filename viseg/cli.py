@@ -36,11 +36,36 @@ def user_error(exc: BaseException) -> VisegError | None:
     return None
 
 
+def unknown_keys(node: Any, prefix: str = "") -> list[str]:
+    """Keys of a composed config that its schema does not define. Hydra's `+key=value` appends them past
+    the struct flag and `OmegaConf.to_object` would set them as stray attributes, so a misspelt key, or a
+    `_target_` import path, would otherwise pass in silence."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    object_type = OmegaConf.get_type(node)
+    names = {f.name for f in dataclasses.fields(object_type)} if dataclasses.is_dataclass(object_type) else None
+    found: list[str] = []
+    for key in node:
+        child = node._get_node(key)
+        if names is not None and key not in names:
+            found.append(f"{prefix}{key}")
+        elif isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            found += unknown_keys(child, f"{prefix}{key}.")
+    return found
+
+
 def to_typed(cfg: Any) -> Any:
     """Convert a composed DictConfig into `BaseConfig` (validates every section)."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    extra = unknown_keys(cfg) if isinstance(cfg, DictConfig) else []
+    if extra:
+        raise ConfigError(f"{', '.join(extra)}: not a key of viseg's config schema",
+                          fix="remove the override: viseg takes only the keys its schema defines, and names "
+                              "resolve through its registries, never through import paths or _target_")
     try:
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
@@ -50,12 +75,54 @@ def to_typed(cfg: Any) -> Any:
         raise ConfigError(str(exc).splitlines()[0], fix="check the override's key and type (see --help)") from None
 
 
+def hydra_error(exc: BaseException, app: str) -> ConfigError:
+    """One of Hydra's composition errors (unknown key or group option, wrong type, bad grammar) as a viseg
+    message with a fix. Hydra's own advice for an unknown key, a `+key=` append, would only fail later."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(exc, OverrideParseException):
+        return _override_syntax_error(exc)
+    if isinstance(exc, MissingConfigException) and exc.options is not None and exc.missing_cfg_file:
+        group, _, option = exc.missing_cfg_file.rpartition("/")
+        options = [o for o in exc.options if not o.startswith("base_")]
+        return ConfigError(f"{group}={option}: {option!r} is not an option of the config group {group}",
+                           fix=f"use one of {options}")
+    message = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        message += f": {str(cause).strip().splitlines()[0]}"
+    key = getattr(cause, "full_key", None)
+    if key:
+        fix = f"check {key}: its name and type are in viseg's schema (python -m viseg.{app} --cfg job lists them)"
+    else:
+        fix = f"check the overrides against python -m viseg.{app} --help"
+    return ConfigError(message, fix=fix)
+
+
+_GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
+
+
+def _override_syntax_error(exc: Any) -> ConfigError:
+    """An override Hydra cannot parse. A character its unquoted values do not take (a non-ASCII letter in a
+    path, a bracket, a parenthesis) is the common case, and the fix is the same override, quoted."""
+    lines = str(exc.message).splitlines() or [""]
+    caret = lines[1].find("^") if len(lines) > 1 else -1
+    if lines[0].startswith("LexerNoViableAltException") and 0 <= caret < len(lines[0]):
+        key, _, value = exc.override.partition("=")
+        quoted = value.replace("\\", "\\\\").replace("'", "\\'")
+        return ConfigError(f"{exc.override}: the character {lines[0][caret]!r} must be quoted in an override",
+                           fix=f"quote the value: \"{key}='{quoted}'\" (Hydra's override grammar: {_GRAMMAR})")
+    return ConfigError(f"{exc.override}: {lines[0]}", fix=f"check the override's syntax ({_GRAMMAR})")
+
+
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
 
 
 _FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd",
-                     "--experimental-rerun"}
+                     "--experimental-rerun", "--cfg", "-c", "--package", "-p"}
+# --info takes an optional value: the next argument is its value only when it is one of these
+_INFO_FLAGS, _INFO_VALUES = {"--info", "-i"}, {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 
 
 def with_app_help(argv: list[str], app: str) -> list[str]:
@@ -68,6 +135,8 @@ def with_app_help(argv: list[str], app: str) -> list[str]:
             skip_next = False
         elif arg in _FLAGS_WITH_VALUE:
             skip_next = True
+        elif arg in _INFO_FLAGS:
+            skip_next = index + 1 < len(args) and args[index + 1] in _INFO_VALUES
         elif not arg.startswith("-"):
             position = index
             break
@@ -90,8 +159,12 @@ def run_app(task: Task, app: str, argv: list[str] | None = None, config_name: st
         sys.argv = [sys.argv[0], *argv]
     sys.argv = with_app_help(sys.argv, app)
 
+    started = False
+
     @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)
     def _main(dict_cfg: DictConfig) -> None:
+        nonlocal started
+        started = True
         configure_logging()
         try:
             code = task(to_typed(dict_cfg))
@@ -101,4 +174,33 @@ def run_app(task: Task, app: str, argv: list[str] | None = None, config_name: st
         if code:
             sys.exit(code)
 
-    _main()
+    _run_reporting_composition_errors(_main, app, lambda: started)
+
+
+def _run_reporting_composition_errors(main: Callable[[], None], app: str, started: Callable[[], bool]) -> None:
+    """Run Hydra's main so that an error composing the config prints like every other user error.
+
+    HYDRA_FULL_ERROR=1 makes Hydra raise instead of printing its own message; errors once the task has
+    started are the task's (a bug keeps its traceback). A user who set HYDRA_FULL_ERROR gets Hydra's way."""
+    import os
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    if previous == "1":
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as exc:
+        if started():
+            raise
+        print(f"viseg {app}: error: {hydra_error(exc, app)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous

@@ -35,23 +35,19 @@ class PlannerPreset:
 
 @dataclass(frozen=True)
 class Architecture:
-    name: str
-    module: str  # where dynamic-network-architectures defines the class
+    name: str  # the class of that name in dynamic_network_architectures.architectures.unet
     encoder_blocks_kwarg: str  # PlainConvUNet: n_conv_per_stage; ResidualEncoderUNet: n_blocks_per_stage
     preset: PlannerPreset
 
     def network_class(self) -> Any:
-        import importlib
+        # A literal import: no string of a config, a registry or a checkpoint ever becomes an import path.
+        from dynamic_network_architectures.architectures import unet
 
-        return getattr(importlib.import_module(self.module), self.name)
-
-
-_DNA_UNET = "dynamic_network_architectures.architectures.unet"
+        return getattr(unet, self.name)
 
 ARCHITECTURES: dict[str, Architecture] = {
     "PlainConvUNet": Architecture(
         name="PlainConvUNet",
-        module=_DNA_UNET,
         encoder_blocks_kwarg="n_conv_per_stage",
         preset=PlannerPreset(
             reference_val_3d=560_000_000,
@@ -64,7 +60,6 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
     "ResidualEncoderUNet": Architecture(
         name="ResidualEncoderUNet",
-        module=_DNA_UNET,
         encoder_blocks_kwarg="n_blocks_per_stage",
         preset=PlannerPreset(
             reference_val_3d=680_000_000,

@@ -155,10 +155,15 @@ class _Estimator:
         self.cache: dict[str, float] = {}
 
     def __call__(self, topology: NetworkTopology, patch_size: list[int]) -> float:
+        import torch
+
         key = f"{patch_size}_{topology.strides}"
         if key not in self.cache:
-            net = build_network(self.arch, topology.as_kwargs(), self.num_inputs, self.num_outputs,
-                                deep_supervision=False)
+            # On the meta device: the estimate counts feature maps from layer shapes alone, and allocating and
+            # initialising tens of millions of weights for every candidate patch made planning take seconds.
+            with torch.device("meta"):
+                net = build_network(self.arch, topology.as_kwargs(), self.num_inputs, self.num_outputs,
+                                    deep_supervision=False)
             self.cache[key] = float(net.compute_conv_feature_map_size(patch_size))
         return self.cache[key]
 

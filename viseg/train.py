@@ -16,15 +16,17 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from viseg.callbacks import EpochSeeder, MetricsHistory, ReportFn, ReportHook, RunCheckpoints
 from viseg.config import BaseConfig
 from viseg.errors import ConfigError
 from viseg.jsonio import write_json_atomic
 from viseg.prepare import PreparedDataset
+
+if TYPE_CHECKING:  # callbacks import Lightning: a config error must not wait for it (nor must --help)
+    from viseg.callbacks import ReportFn
 
 log = logging.getLogger(__name__)
 FINISHED_MARKER = "finished.json"
@@ -120,6 +122,7 @@ def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progr
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from viseg.callbacks import EpochSeeder, MetricsHistory, ReportHook, RunCheckpoints
     from viseg.plans import Plans
 
     accelerator, devices = accelerator_and_devices(cfg.devices)
@@ -196,6 +199,24 @@ def validate_full_cases(network: Any, cfg: BaseConfig, prepared: PreparedDataset
     return summary
 
 
+def _fit(trainer: Any, module: Any, datamodule: Any, resume_from: Path | None) -> None:
+    """trainer.fit, resuming from `resume_from` if given. weights_only: a checkpoint is data, never code
+    (viseg checkpoints hold only tensors and plain values), so one that asks to import or call anything is
+    refused, and said so instead of a traceback."""
+    import pickle
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
+                    weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if resume_from is None:
+            raise
+        raise ConfigError(f"refusing to resume from {resume_from}: it holds more than tensors and plain values "
+                          f"({str(exc).splitlines()[0]})",
+                          fix="resume only from checkpoints written by viseg; this one was altered or "
+                              "replaced: delete it and start the run again (or under a new name=...)") from None
+
+
 def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: ReportFn | None = None,
           resume_from: Path | None = None, run_dir: Path | None = None, progress: bool = True) -> TrainResult:
     """Plan and preprocess if needed, train one fold, validate it on whole cases.
@@ -221,9 +242,7 @@ def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: Repo
     module, input_size = build_module(cfg, prepared)
     datamodule = build_datamodule(cfg, prepared, folder, input_size)
     trainer = build_trainer(cfg, run_dir, report, progress)
-    # weights_only: a checkpoint is data, never code (viseg checkpoints hold only tensors and plain values)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
-                weights_only=True)
+    _fit(trainer, module, datamodule, resume_from)
     validation = validate_full_cases(module.network, cfg, prepared, folder, run_dir, progress)
     result = TrainResult(run_dir=run_dir, epochs=trainer.current_epoch, ema_pseudo_dice=module.ema_pseudo_dice,
                          validation=validation)

@@ -22,10 +22,14 @@ from viseg.errors import ConfigError
 DATASET_JSON = "dataset.json"
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _NIFTI_ENDINGS = (".nii.gz", ".nii")
+_KEY_EXAMPLES = {"numTraining": '"numTraining": <number of training cases>', "file_ending": '"file_ending": ".nii.gz"'}
 
 
 class PathFinder(ABC):
     """Finds cases and channel names of one dataset layout."""
+
+    # dataset.json keys a layout requires besides labels and channel names (which every layout needs)
+    REQUIRED_KEYS: tuple[str, ...] = ()
 
     def __init__(self, basepath: Path, img_foldername: str = "imagesTr", seg_foldername: str = "labelsTr"):
         self.basepath = Path(basepath)
@@ -41,6 +45,7 @@ class PathFinder(ABC):
                 "dataset-folder",
                 f"dataset folder {self.basepath} does not exist",
                 "set dataset.basepath to the folder that holds dataset.json",
+                file=self.basepath,
             )
             return Discovery(info=None, problems=self.problems)
         info = self._read_dataset_json()
@@ -51,6 +56,7 @@ class PathFinder(ABC):
                 f"no cases found under {self.basepath / self.img_foldername}",
                 f"put images in {self.img_foldername}/ named as this layout expects "
                 f"(pathfinder={self._registry_name()})",
+                file=self.basepath / self.img_foldername,
             )
         return Discovery(info=info, cases=cases, problems=list(self.problems))
 
@@ -94,6 +100,11 @@ class PathFinder(ABC):
     def _info_from_json(self, raw: dict[str, Any], path: Path) -> DatasetInfo | None:
         channels = raw.get("channel_names", raw.get("modality"))
         ok = True
+        missing = [key for key in self.REQUIRED_KEYS if key not in raw]
+        if missing:  # an error, but the defaults let discovery go on and report everything else too
+            examples = ", ".join(_KEY_EXAMPLES.get(key, f'"{key}": ...') for key in missing)
+            self._problem("dataset-json", f"{path}: required key(s) {missing} missing", f"add {examples}",
+                          file=path)
         if not isinstance(channels, dict) or not channels:
             self._problem("dataset-json", f"{path}: 'channel_names' is missing or not an object",
                           'add e.g. "channel_names": {"0": "MRI"}', file=path)
@@ -135,6 +146,9 @@ class PathFinder(ABC):
 
 class DefaultNNUnetFormatPathFinder(PathFinder):
     """nnU-Net v2 raw layout: imagesTr/<case>_<XXXX><ending> per channel, labelsTr/<case><ending>."""
+
+    # nnU-Net's verify_dataset_integrity requires these too: a silent default would hide a half-written file
+    REQUIRED_KEYS = ("numTraining", "file_ending")
 
     def _labels_from_json(self, raw: dict[str, Any]) -> dict[str, int] | None:
         labels = raw.get("labels")
@@ -196,12 +210,27 @@ class DefaultNNUnetFormatPathFinder(PathFinder):
             if channel not in channels:
                 self._problem("missing-channel", f"case {case_id} has no file for channel {channel:04d} "
                               f"({info.channel_names[channel]})", f"add {path.name}", case=case_id, file=path)
+            elif not path.is_file():
+                self._broken_file(case_id, f"channel {channel:04d}", path)
             sources.append(ImageSource(path))
         label = labels_dir / f"{case_id}{info.file_ending}"
-        if not label.is_file():
+        if label.is_symlink() and not label.exists():
+            self._broken_file(case_id, "label", label)
+        elif not label.is_file():
             self._problem("missing-label", f"case {case_id} has no label file", f"add {label}",
                           case=case_id, file=label)
         return Case(case_id=case_id, images=tuple(sources), label=label)
+
+    def _broken_file(self, case_id: str, role: str, path: Path) -> None:
+        """A listed name that is no readable file: a dangling symlink (its target moved or was never
+        mounted) or a folder. Verification skips files that do not exist, so discovery must report it."""
+        if path.is_symlink():
+            message = f"case {case_id}: {role} is a broken symbolic link to {os.readlink(path)}"
+            fix = "point the link at an existing file (is the shared storage mounted?) or replace it with the file"
+        else:
+            message = f"case {case_id}: {role} {path.name} is not a file"
+            fix = "replace it with the NIfTI file"
+        self._problem("broken-file", message, fix, case=case_id, file=path)
 
     def _orphan_labels(self, labels_dir: Path, case_ids: set[str], ending: str) -> None:
         if not labels_dir.is_dir():

@@ -62,6 +62,18 @@ def _search_axis(override: Any) -> SearchAxis:
     raise ConfigError(f"{override.input_line} is not a searchable range", fix="use interval(a, b) or choice(...)")
 
 
+def _update_setting(settings: Any, override: Any) -> None:
+    """A sweep setting, type-checked by SweepConfig's schema; any failure is the user's typo, said once."""
+    from omegaconf import OmegaConf
+
+    try:
+        OmegaConf.update(settings, override.key_or_group, _setting_value(override), merge=True)
+    except Exception as exc:  # OmegaConf validation and Hydra sweep errors: both mean a bad value here
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"sweep setting {override.input_line!r} is invalid: {detail}",
+                          fix="see `python -m viseg.sweep --help` for the sweep settings and their types") from None
+
+
 def _is_config_group(key: str) -> bool:
     from viseg.cli import conf_dir
 
@@ -102,7 +114,7 @@ def parse_request(args: list[str], sweeps_dir: Path, default_spec: str | None = 
     for override in merged:
         key = override.key_or_group
         if _is_sweep_key(key):
-            OmegaConf.update(settings, key, _setting_value(override), merge=True)
+            _update_setting(settings, override)
         elif override.is_sweep_override():
             if _is_search(override):
                 search.append(_search_axis(override))

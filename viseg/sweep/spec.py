@@ -6,6 +6,7 @@ A sweep spec in `sweeps/<name>.yaml` holds the same settings as data; command-li
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -100,9 +101,12 @@ class SweepRequest:
         """Deterministic variant names -> their overrides (the cartesian product of the grid axes)."""
         if not self.axes:
             return {"default": []}
-        result = {}
+        result: dict[str, list[str]] = {}
         for combo in itertools.product(*[[(a.key, v) for v in a.values] for a in self.axes]):
-            result[variant_name(combo)] = [f"{k}={v}" for k, v in combo]
+            name = variant_name(combo)
+            if name in result:  # values that differ only in characters a folder name cannot hold
+                name = f"{name}-{hashlib.sha256(repr(combo).encode()).hexdigest()[:6]}"
+            result[name] = [f"{k}={v}" for k, v in combo]
         return result
 
 
@@ -111,14 +115,23 @@ def variant_name(assignments: tuple[tuple[str, str], ...]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "_".join(parts))
 
 
+def _fold(value: Any) -> int:
+    """One fold number: an int or its digits, never a bool, float or list (those are typos, not folds)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise ConfigError(f"folds: {value!r} is not a fold number", fix="use e.g. folds=0-4, folds=0,2,4 or all")
+
+
 def parse_folds(value: Any, n_folds: int) -> list[int]:
     """`0-4`, `0,2,4`, `[0,2]`, a single int, or `all`."""
     if value == "all":
         folds = list(range(n_folds))
-    elif isinstance(value, int):
+    elif isinstance(value, int) and not isinstance(value, bool):
         folds = [value]
     elif isinstance(value, list | tuple):
-        folds = [int(v) for v in value]
+        folds = [_fold(v) for v in value]
     elif isinstance(value, str) and re.fullmatch(r"\d+-\d+", value):
         start, stop = map(int, value.split("-"))
         folds = list(range(start, stop + 1))
