@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Submit `python -m viseg.sweep ARGS` as a Ray job to a running cluster (see launch/README.md).
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+Usage: launch/submit.sh [--no-wait] [--submission-id ID] [--] SWEEP_ARGS...
+
+Submits `python -m viseg.sweep SWEEP_ARGS...` to the Ray cluster at $RAY_ADDRESS
+(default http://127.0.0.1:8265, the dashboard's Jobs API; with a remote cluster keep it behind an
+SSH tunnel or `ray dashboard launch/cluster.yaml`). The checkout is uploaded as the job's working
+directory, minus what launch/runtime_env.yaml excludes.
+
+Options (before the sweep arguments):
+  --no-wait            return once the job is submitted (also: VISEG_SUBMIT_NO_WAIT=1); follow it with
+                       `ray job logs --follow ID`, stop it with `ray job stop ID`
+  --submission-id ID   name the job (default: Ray's raysubmit_...); must be unique on the cluster
+  -h, --help           this text
+
+Paths in SWEEP_ARGS are read on the cluster, in a temporary copy of the checkout: give absolute paths
+on storage every node shares for storage_path=, paths.cache= and dataset.basepath=.
+
+Token authentication: RAY_AUTH_MODE=token is exported when a token is found (RAY_AUTH_TOKEN,
+RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), unless RAY_AUTH_MODE is set already.
+
+Examples:
+  launch/submit.sh folds=0-4 lr_scheduler=step_lr,poly storage_path=/shared/sweeps paths.cache=/shared/cache
+  launch/submit.sh --no-wait resume=/shared/sweeps/<experiment>
+EOF
+}
+
+no_wait="${VISEG_SUBMIT_NO_WAIT:-0}"
+submission_id=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        --no-wait) no_wait=1; shift ;;
+        --submission-id) [[ $# -ge 2 ]] || { echo "submit.sh: --submission-id needs a value" >&2; exit 2; }
+                         submission_id="$2"; shift 2 ;;
+        --submission-id=*) submission_id="${1#*=}"; shift ;;
+        --) shift; break ;;
+        *) break ;;
+    esac
+done
+if [[ $# -eq 0 ]]; then
+    usage >&2
+    exit 2
+fi
+
+# Relative paths in launch/runtime_env.yaml and `--working-dir .` mean the checkout, wherever this is run from.
+cd "$(dirname "$0")/.."
+
+# The job's arguments are read on the head node, in a temporary copy of the checkout: a relative results or
+# cache folder would end up there (and differ between nodes), so say so before anything is uploaded.
+case " $* " in
+    *" resume="*|*" summary="*|*" dry_run=true "*) ;;
+    *)
+        for key in storage_path paths.cache; do
+            [[ " $* " == *" $key=/"* || " $* " == *" $key="*"://"* ]] || echo "submit.sh: warning: no absolute" \
+                "$key=...: the job would write it inside its temporary working directory on the head node;" \
+                "give a path on shared storage" >&2
+        done
+        ;;
+esac
+
+if [[ -z "${RAY_AUTH_MODE:-}" ]] && { [[ -n "${RAY_AUTH_TOKEN:-}" ]] || [[ -n "${RAY_AUTH_TOKEN_PATH:-}" ]] \
+        || [[ -f "$HOME/.ray/auth_token" ]]; }; then
+    export RAY_AUTH_MODE=token
+fi
+
+ray_bin="$(command -v ray || true)"
+if [[ -z "$ray_bin" && -x .venv/bin/ray ]]; then
+    ray_bin=.venv/bin/ray
+fi
+[[ -n "$ray_bin" ]] || { echo "submit.sh: no ray command; activate viseg's environment (source .venv/bin/activate)" >&2; exit 2; }
+
+options=(--address "${RAY_ADDRESS:-http://127.0.0.1:8265}" --working-dir . --runtime-env launch/runtime_env.yaml)
+[[ "$no_wait" == 1 ]] && options+=(--no-wait)
+[[ -n "$submission_id" ]] && options+=(--submission-id "$submission_id")
+exec "$ray_bin" job submit "${options[@]}" -- python -m viseg.sweep "$@"
