@@ -15,19 +15,22 @@ from typing import Any
 import lightning as L
 import torch
 
-from viseg.checkpoints import keep_previous
+from viseg.checkpoints import keep_previous as keep_previous_checkpoint
 
 ReportFn = Callable[[dict[str, float], Path], None]
 BEST_METRIC = "val/ema_pseudo_dice"
 
 
-def atomic_save_checkpoint(trainer: L.Trainer, path: Path) -> None:
+def atomic_save_checkpoint(trainer: L.Trainer, path: Path, keep_previous: bool = False) -> None:
     """Lightning writes checkpoints in place; a kill mid-write would leave a truncated file that a later
-    resume trusts. Write beside it, flush to disk, then rename over the old one."""
+    resume trusts. Write beside it, flush to disk, then rename over the old one (after moving the old one to
+    previous.ckpt when asked: renames only, so every moment has at least one complete checkpoint)."""
     tmp = path.with_name(f".{path.name}.tmp")
     trainer.save_checkpoint(tmp, weights_only=False)  # the full state: resuming needs the optimizer too
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
+    if keep_previous:
+        keep_previous_checkpoint(path.parent)
     os.replace(tmp, path)
 
 
@@ -50,8 +53,8 @@ class RunCheckpoints(L.Callback):
         improved = score is not None and (self.best is None or float(score) > self.best)
         if improved:
             self.best = float(score)
-        keep_previous(self.directory)  # a resume falls back to it should last.ckpt ever be damaged
-        atomic_save_checkpoint(trainer, self.directory / "last.ckpt")
+        # previous.ckpt: a resume falls back to it should last.ckpt ever be damaged
+        atomic_save_checkpoint(trainer, self.directory / "last.ckpt", keep_previous=True)
         if improved:
             atomic_save_checkpoint(trainer, self.directory / "best.ckpt")
 
