@@ -6,7 +6,7 @@ adds: interpreter and Ray start-up, composing and checking the variants, placing
 checkpoint reports to Tune, experiment-state snapshots and the summary. A warm-up sweep first fills the
 demo dataset and preprocessing cache, which both paths would share.
 
-    .venv/bin/python bench/sweep_overhead.py                        # 4 trials of ~3 min each on a 2-core CPU
+    .venv/bin/python bench/sweep_overhead.py                        # 3 trials of ~4 min each on a 2-core CPU (~14 min)
     .venv/bin/python bench/sweep_overhead.py --folds 0-1 --epochs 3 --iterations 10   # a quick look
 """
 
@@ -40,9 +40,9 @@ def trial_seconds(experiment_dir: Path) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--folds", default="0-3", help="folds of the demo dataset, one trial each (default 0-3)")
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--iterations", type=int, default=40, help="iterations per epoch")
+    parser.add_argument("--folds", default="0-2", help="folds of the demo dataset, one trial each (default 0-2)")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--iterations", type=int, default=30, help="iterations per epoch")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sweep_overhead.json")
     options = parser.parse_args()
 
