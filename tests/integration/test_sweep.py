@@ -27,9 +27,9 @@ def sweep(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProc
 
 
 def test_reduced_main_command_runs_every_trial_and_prepares_once(tmp_path: Path):
-    result = sweep("folds=0-1", "lr_scheduler=step_lr,poly", "trainer.max_epochs=1",
-                   "trainer.iterations_per_epoch=2", "trainer.val_iterations=1", "splits.n_folds=3",
-                   "experiment=reduced", cwd=tmp_path)
+    args = ("folds=0-1", "lr_scheduler=step_lr,poly", "trainer.max_epochs=1", "trainer.iterations_per_epoch=2",
+            "trainer.val_iterations=1", "splits.n_folds=3", "experiment=reduced")
+    result = sweep(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     experiment = tmp_path / "results" / "sweeps" / "reduced"
     finished = sorted(str(p.parent.relative_to(experiment / "runs")).split("/", 2)[-1]
@@ -43,6 +43,11 @@ def test_reduced_main_command_runs_every_trial_and_prepares_once(tmp_path: Path)
     assert sorted(v["variant"] for v in summary) == ["lr_scheduler-poly", "lr_scheduler-step_lr"]
     assert all(v["folds_finished"] == [0, 1] for v in summary)
     assert (experiment / "summary.png").is_file() and "lr_scheduler-poly" in result.stdout
+    # the same command again continues the experiment instead of refusing it; nothing finished is retrained
+    markers = {p: p.stat().st_mtime_ns for p in (experiment / "runs").rglob("finished.json")}
+    again = sweep(*args, cwd=tmp_path)
+    assert again.returncode == 0 and "continuing it" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in (experiment / "runs").rglob("finished.json")} == markers
     check_best_then_predict(experiment, tmp_path)
 
 

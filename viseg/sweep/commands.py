@@ -56,8 +56,14 @@ def _start(plan: SweepPlan) -> int:
     if plan.settings["dry_run"]:
         return 0
     if (plan.experiment_dir / STATE_FILE).is_file():
-        raise ConfigError(f"experiment {plan.experiment_dir} exists already",
-                          fix=f"continue it with resume={plan.experiment_dir}, or name a new one with experiment=...")
+        saved = load_state(plan.experiment_dir)
+        if (saved.variants, saved.folds, saved.search) != (plan.variants, plan.folds, plan.search):
+            raise ConfigError(f"experiment {plan.experiment_dir} exists already with other trials",
+                              fix=f"continue it with resume={plan.experiment_dir}, or name a new one with "
+                                  "experiment=...")
+        # the same command again (e.g. a second `make demo`): continue it; finished trials are kept as they are
+        print(f"\nexperiment {plan.experiment_dir} exists with these trials: continuing it")
+        return resume(str(plan.experiment_dir))
     prepare_all(plan)
     save_state(plan)
     init_ray()
