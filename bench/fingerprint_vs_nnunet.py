@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -414,10 +415,12 @@ def _load(values: list[float]) -> str:
     return "/".join(f"{v:.2f}" for v in values)
 
 
-def write_results(out: Path, result: dict[str, Any], checks: list[Check]) -> None:
+def write_results(out: Path, result: dict[str, Any], checks: list[Check],
+                  render: Callable[[dict[str, Any], list[Check]], str] | None = None) -> None:
+    """The JSON and its Markdown report beside it; each bench passes its own `render` (default: this one's)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result, checks))
+    out.with_suffix(".md").write_text((render or markdown)(result, checks))
 
 
 # -- main -----------------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ from fingerprint_vs_nnunet import (
     make_nnunet_raw,
     timed,
     warm_page_cache,
+    write_results,
 )
 from preprocess_vs_nnunet import nnunet_env, subset_dataset, timed_to
 
@@ -511,11 +512,6 @@ def markdown(result: dict[str, Any], checks: list[Check]) -> str:
     ])
 
 
-def write_results(out: Path, result: dict[str, Any], checks: list[Check]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result, checks))
-
 
 # -- main -----------------------------------------------------------------------------------------------
 
@@ -584,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         "last_round": {t: {k: v for k, v in last[t].items() if k not in ("loader", "step")} for t in TOOLS},
         "checks": {"all_ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]},
     }
-    write_results(args.out, result, checks)
+    write_results(args.out, result, checks, markdown)
     sm = result["summary"]
     print()
     print(f"loader [batches/s]: nnU-Net {sm['median_loader_batches_per_s']['nnunet']:.2f}, viseg "

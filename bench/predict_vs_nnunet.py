@@ -65,6 +65,7 @@ from fingerprint_vs_nnunet import (
     agreement_table,
     machine_info,
     timed,
+    write_results,
 )
 from preprocess_vs_nnunet import nnunet_env, timed_to
 
@@ -679,11 +680,6 @@ def markdown(result: dict[str, Any], checks: list[Check]) -> str:
     ])
 
 
-def write_results(out: Path, result: dict[str, Any], checks: list[Check]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result, checks))
-
 
 def summary_table(summary: dict[str, Any], agreement: dict[str, Any]) -> str:
     rows = ["mirroring  nnU-Net [s/case]  viseg [s/case]  ratio viseg/nnU-Net  CPU-time ratio  label agreement",
@@ -772,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
         "agreement": agreement,
         "checks": {"all_ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]},
     }
-    write_results(args.out, result, checks)
+    write_results(args.out, result, checks, markdown)
     print()
     print(summary_table(summary, agreement))
     print(f"ratio < 1: viseg faster; load average before {_load(load_before)}, after {_load(load_after)}")

@@ -48,6 +48,7 @@ from fingerprint_vs_nnunet import (
     timed,
     timing_table,
     warm_page_cache,
+    write_results,
 )
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -270,11 +271,6 @@ def markdown(result: dict[str, Any], checks: list[Check]) -> str:
     ])
 
 
-def write_results(out: Path, result: dict[str, Any], checks: list[Check]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result, checks))
-
 
 def build_result(args: argparse.Namespace, machine: dict[str, Any], n_cases: int, folder: str,
                  rounds: list[dict[str, float]], loads: list[list[float]], sizes: dict[str, float],
@@ -332,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         checks = plan_checks(nnunet_plans, manifest) + array_checks(compare_outputs(nnunet_out, viseg_out), n_cases)
         sizes = {"nnunet": folder_mib(nnunet_out), "viseg": folder_mib(viseg_out)}
     result = build_result(args, machine, n_cases, folder, rounds, [load_before, load_after], sizes, checks)
-    write_results(args.out, result, checks)
+    write_results(args.out, result, checks, markdown)
     print()
     print(timing_table(rounds, result["median_s"], result["ratio_viseg_over_nnunet"]))
     print()

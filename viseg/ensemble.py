@@ -18,6 +18,7 @@ from viseg.config import BaseConfig
 from viseg.errors import ConfigError
 from viseg.jsonio import read_json
 from viseg.plans import Plans
+from viseg.run_layout import FINISHED_MARKER
 
 if TYPE_CHECKING:
     import torch
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FINISHED_MARKER = "finished.json"  # viseg.train's; not imported, to keep `--help` free of Lightning
 POSTPROCESSING_FILE = "postprocessing.json"
 _FOLD_DIR = re.compile(r"fold_(\d+)")
 

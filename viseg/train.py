@@ -24,12 +24,12 @@ from viseg.config import BaseConfig
 from viseg.errors import ConfigError
 from viseg.jsonio import write_json_atomic
 from viseg.prepare import PreparedDataset
+from viseg.run_layout import FINISHED_MARKER
 
 if TYPE_CHECKING:  # callbacks import Lightning: a config error must not wait for it (nor must --help)
     from viseg.callbacks import ReportFn
 
 log = logging.getLogger(__name__)
-FINISHED_MARKER = "finished.json"
 
 
 @dataclass

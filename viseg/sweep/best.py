@@ -29,10 +29,10 @@ import numpy as np
 
 from viseg.errors import ConfigError
 from viseg.jsonio import read_json, write_json_atomic
+from viseg.run_layout import FINISHED_MARKER
 
 log = logging.getLogger(__name__)
 SELECTION_DIR = "selection"
-FINISHED_MARKER = "finished.json"
 LoadProbabilities = Callable[[str], np.ndarray]
 
 

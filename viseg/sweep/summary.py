@@ -26,9 +26,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from viseg.jsonio import read_json, write_json_atomic
+from viseg.run_layout import FINISHED_MARKER
 
 log = logging.getLogger(__name__)
-FINISHED_MARKER = "finished.json"  # the same name as viseg.train's; not imported to keep this module light
 FOLD_DIR = re.compile(r"fold_(\d+)")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from viseg.config import BaseConfig
 from viseg.errors import ConfigError
+from viseg.run_layout import FINISHED_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def run_trial(config: dict[str, Any], variants: dict[str, str], runs_dir: str) -
     cfg = trial_config(variants[variant], int(config["fold"]), params, name, runs_dir)
     prepared = prepare(cfg, progress=False)
     run_dir = run_dir_for(cfg, prepared)
-    if (run_dir / "finished.json").is_file():
+    if (run_dir / FINISHED_MARKER).is_file():
         return  # finished before a driver restart: never train it again
     result = train(cfg, prepared=prepared, report=_report, resume_from=_resume_checkpoint(run_dir),
                    run_dir=run_dir, progress=False)
