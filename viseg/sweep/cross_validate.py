@@ -37,11 +37,8 @@ class Candidate:
         return f"{self.variant}-{self.trial_id}"
 
     def overrides(self) -> list[str]:
-        return [f"{key}={_override_value(value)}" for key, value in sorted(self.params.items())]
+        return [f"{key}={value}" for key, value in sorted(self.params.items())]
 
-
-def _override_value(value: Any) -> str:
-    return repr(value) if isinstance(value, float) else str(value)
 
 
 def search_candidates(experiment_dir: Path, metric: str, mode: str) -> list[Candidate]:
@@ -67,16 +64,12 @@ def search_candidates(experiment_dir: Path, metric: str, mode: str) -> list[Cand
 
 
 def _with_params(variant_yaml: str, params: dict[str, Any]) -> str:
-    """The variant's composed config with the searched values applied and validated like any config."""
+    """The variant's composed config with the searched values fixed (validated like any config)."""
     from omegaconf import OmegaConf
 
-    from viseg.cli import to_typed
-    from viseg.config import BaseConfig
+    from viseg.sweep.trial import with_params
 
-    dotlist = [f"{key}={_override_value(value)}" for key, value in params.items()]
-    merged = OmegaConf.merge(OmegaConf.structured(BaseConfig), OmegaConf.create(variant_yaml),
-                             OmegaConf.from_dotlist(dotlist))
-    return OmegaConf.to_yaml(OmegaConf.structured(to_typed(merged)))
+    return OmegaConf.to_yaml(OmegaConf.structured(with_params(variant_yaml, params)))
 
 
 def plan_cross_validation(request: SweepRequest, cli_keys: set[str]) -> SweepPlan:

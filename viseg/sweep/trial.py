@@ -21,16 +21,20 @@ from viseg.run_layout import FINISHED_MARKER
 log = logging.getLogger(__name__)
 
 
-def trial_config(variant_yaml: str, fold: int, params: dict[str, Any], name: str, results: str) -> BaseConfig:
+def with_params(variant_yaml: str, params: dict[str, Any], extra: dict[str, Any] | None = None) -> BaseConfig:
+    """A composed variant with searched values (and trial specifics) applied, validated like any config."""
     from omegaconf import OmegaConf
 
     from viseg.cli import to_typed
 
     dotlist = [f"{key}={value}" for key, value in params.items()]
     merged = OmegaConf.merge(OmegaConf.structured(BaseConfig), OmegaConf.create(variant_yaml),
-                             OmegaConf.from_dotlist(dotlist), {"fold": fold, "name": name,
-                                                               "paths": {"results": results}})
+                             OmegaConf.from_dotlist(dotlist), extra or {})
     return to_typed(merged)
+
+
+def trial_config(variant_yaml: str, fold: int, params: dict[str, Any], name: str, results: str) -> BaseConfig:
+    return with_params(variant_yaml, params, {"fold": fold, "name": name, "paths": {"results": results}})
 
 
 def _stage_checkpoint(checkpoint_dir: Path) -> str:
