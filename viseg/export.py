@@ -9,12 +9,12 @@ overlays the image exactly.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from viseg.atomic import write_atomically
 from viseg.plans import Plans
 from viseg.preprocess import CaseProperties
 from viseg.resampling import resample_image
@@ -77,11 +77,6 @@ def keep_largest_component(segmentation: np.ndarray, labels: Sequence[int]) -> n
     return out
 
 
-def _temporary(path: Path) -> Path:
-    """A hidden name beside `path` with the same ending (nibabel picks the format from the ending)."""
-    return path.with_name(f".{os.getpid()}.tmp.{path.name}")
-
-
 def write_segmentation(segmentation: np.ndarray, reference: Path, path: Path) -> None:
     """Write a (Z, Y, X) label map as NIfTI with `reference`'s affine and header (written under a temporary
     name and renamed, so an interrupted run never leaves a half-written prediction)."""
@@ -94,22 +89,15 @@ def write_segmentation(segmentation: np.ndarray, reference: Path, path: Path) ->
     # the image's intensity scaling and display window mean nothing for labels
     image.header.set_slope_inter(1.0, 0.0)
     image.header["cal_min"], image.header["cal_max"] = 0, 0
-    tmp = _temporary(path)
-    try:
-        nib.save(image, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda tmp: nib.save(image, str(tmp)), keep_ending=True)
 
 
 def write_probabilities(probabilities: np.ndarray, label_values: Sequence[int], path: Path) -> None:
     """`<case>.npz`: 'probabilities' float32 (K, X, Y, Z), the label NIfTI's array order, so that
     argmax(0) overlays the written label map voxel for voxel; 'labels' the label value of each channel."""
     data = np.ascontiguousarray(np.asarray(probabilities, dtype=np.float32).transpose(0, 3, 2, 1))
-    tmp = _temporary(path)
-    try:
+    def fill(tmp: Path) -> None:
         with tmp.open("wb") as handle:
             np.savez_compressed(handle, probabilities=data, labels=np.asarray(label_values, dtype=np.int16))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomically(path, fill)

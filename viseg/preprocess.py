@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from scipy.ndimage import binary_fill_holes
 
+from viseg.atomic import write_atomically
 from viseg.data.dataset import Case
 from viseg.fingerprint import nonzero_bbox
 from viseg.jsonio import read_json, write_json_atomic
@@ -260,14 +261,11 @@ def is_case_complete(folder: Path, case_id: str) -> bool:
 def _write_atomic(path: Path, write) -> int:
     """`write(handle)` into a temp file beside `path`, then rename; returns the size. No fsync: the marker
     (written with fsync, after these) records the sizes, so a file truncated by a crash is detected."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    def fill(tmp: Path) -> None:
         with tmp.open("wb") as handle:
             write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    write_atomically(path, fill)
     return path.stat().st_size
 
 

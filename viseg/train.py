@@ -12,7 +12,6 @@ named from (dataset, plan, config name, fold), never from a timestamp, so resumi
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from viseg.atomic import copy_atomically, write_text_atomically
 from viseg.config import BaseConfig
 from viseg.errors import ConfigError
 from viseg.jsonio import write_json_atomic
@@ -68,10 +68,8 @@ def _write_run_files(run_dir: Path, cfg: BaseConfig, prepared: PreparedDataset) 
     run_dir.mkdir(parents=True, exist_ok=True)
     if prepared.plans_dir != run_dir:
         for name in ("plans.json", "splits.json", "dataset.json"):
-            shutil.copyfile(prepared.plans_dir / name, run_dir / name)
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(config_yaml(cfg))
-    tmp.replace(run_dir / "config.yaml")
+            copy_atomically(prepared.plans_dir / name, run_dir / name)
+    write_text_atomically(run_dir / "config.yaml", config_yaml(cfg))
 
 
 def _refuse_existing_run(run_dir: Path) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from viseg.atomic import write_atomically
 from viseg.errors import ConfigError
 from viseg.jsonio import read_json, write_json_atomic
 from viseg.run_layout import FINISHED_MARKER
@@ -109,9 +110,8 @@ def predict_validation(variant: str, folds: dict[int, Path], out_dir: Path, chec
                 continue
             arrays = read_case(case, with_label=False)
             probabilities = predict_case(ensemble, arrays.image, arrays.spacing, InferenceOptions(mirror=mirror))
-            tmp = target.with_name(f".{target.stem}.tmp.npz")
-            np.savez_compressed(tmp, probabilities=probabilities.astype(np.float16))
-            tmp.replace(target)
+            write_atomically(target, lambda tmp, p=probabilities: np.savez_compressed(
+                tmp, probabilities=p.astype(np.float16)), keep_ending=True)
     return label_values
 
 

@@ -14,17 +14,15 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import re
-import tempfile
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from viseg.atomic import write_atomically, write_text_atomically
 from viseg.jsonio import read_json, write_json_atomic
 from viseg.run_layout import FINISHED_MARKER
 
@@ -190,19 +188,6 @@ def _labels(summaries: list[VariantSummary]) -> list[str]:
     return sorted({label for s in summaries for label in s.dice_per_class}, key=_label_order)
 
 
-def _replace_atomic(path: Path, write: Callable[[str], Any]) -> None:
-    """`write` fills a temporary file beside `path`, which then replaces it: a reader polling a running
-    sweep never sees half a file, and a failed write leaves no temporary file behind."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _csv_text(summaries: list[VariantSummary]) -> str:
     """One row per variant; fold columns are counts (the fold lists are in summary.json), None is empty."""
     labels = _labels(summaries)
@@ -260,7 +245,7 @@ def _plot(summaries: list[VariantSummary], title: str, path: Path) -> None:
                               label="fold (number beside)"),
                        Line2D([], [], marker="s", ls="", color="tab:orange", alpha=0.6, label="* best variant")],
               loc="best", fontsize=8)
-    _replace_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 def write_summary(experiment: Path, summaries: list[VariantSummary]) -> dict[str, Path]:
@@ -271,7 +256,7 @@ def write_summary(experiment: Path, summaries: list[VariantSummary]) -> dict[str
     paths = {kind: experiment / f"summary.{kind}" for kind in ("json", "csv", "png")}
     write_json_atomic(paths["json"], [s.to_dict() for s in summaries])
     text = _csv_text(summaries)
-    _replace_atomic(paths["csv"], lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline=""))
+    write_text_atomically(paths["csv"], text)
     _plot(summaries, f"{experiment.name}: validation Dice per fold", paths["png"])
     return paths
 
