@@ -5,8 +5,8 @@ timing and an optional per-epoch report hook (the Ray Tune adapter uses it)."""
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +15,9 @@ from typing import Any
 import lightning as L
 import torch
 
+from viseg.atomic import write_atomically, write_text_atomically
 from viseg.checkpoints import keep_previous as keep_previous_checkpoint
+from viseg.errors import is_storage_full, storage_full
 
 ReportFn = Callable[[dict[str, float], Path], None]
 BEST_METRIC = "val/ema_pseudo_dice"
@@ -25,13 +27,16 @@ def atomic_save_checkpoint(trainer: L.Trainer, path: Path, keep_previous: bool =
     """Lightning writes checkpoints in place; a kill mid-write would leave a truncated file that a later
     resume trusts. Write beside it, flush to disk, then rename over the old one (after moving the old one to
     previous.ckpt when asked: renames only, so every moment has at least one complete checkpoint)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(tmp, weights_only=False)  # the full state: resuming needs the optimizer too
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    if keep_previous:
-        keep_previous_checkpoint(path.parent)
-    os.replace(tmp, path)
+    try:
+        # the full state (weights_only=False): resuming needs the optimizer too
+        write_atomically(path, lambda tmp: trainer.save_checkpoint(tmp, weights_only=False), fsync=True,
+                         before_replace=(lambda: keep_previous_checkpoint(path.parent)) if keep_previous else None)
+    except Exception as exc:
+        if is_storage_full(exc):
+            raise storage_full("a checkpoint", path, fix=f"free space on that volume (or point paths.results or "
+                               f"storage_path at a larger one), then run the same command again: it continues "
+                               f"from {path.parent / 'last.ckpt'}, the last complete checkpoint, untouched") from exc
+        raise
 
 
 class RunCheckpoints(L.Callback):
@@ -87,12 +92,11 @@ class MetricsHistory(L.Callback):
 
     def _write_csv(self) -> None:
         keys = list(dict.fromkeys(k for row in self.rows for k in row))
-        tmp = self.run_dir / ".metrics.csv.tmp"
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.run_dir / "metrics.csv")
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomically(self.run_dir / "metrics.csv", text.getvalue())
 
     def state_dict(self) -> dict[str, Any]:
         return {"rows": self.rows}
@@ -129,10 +133,10 @@ def plot_progress(rows: list[dict[str, float]], path: Path) -> None:
     axes[2].set_ylabel("epoch time (s)")
     axes[2].set_xlabel("epoch")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=80), keep_ending=True)
+    finally:
+        plt.close(fig)
 
 
 class ReportHook(L.Callback):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from viseg.errors import ConfigError, VisegError
+from viseg.errors import ConfigError, VisegError, is_storage_full, storage_full, unwritable_file
 
 DEFAULT_CONFIG = "anatomy_config"
 Task = Callable[[Any], int]
@@ -27,12 +27,17 @@ def conf_dir() -> Path:
 
 
 def user_error(exc: BaseException) -> VisegError | None:
-    """The VisegError behind an exception, also when OmegaConf wrapped it during `to_object`."""
-    seen = exc
+    """The VisegError behind an exception, also when OmegaConf wrapped it during `to_object`; a full disk
+    anywhere is the user's to fix too (it names the file that could not be written)."""
+    seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, VisegError):
             return seen
         seen = seen.__cause__ or seen.__context__
+    if is_storage_full(exc):
+        return storage_full("files", Path(unwritable_file(exc) or "."),
+                            fix="free space on that volume (or point the paths at a larger one), then run the same "
+                                "command again: complete files are kept and reused")
     return None
 
 
@@ -168,8 +173,11 @@ def run_app(task: Task, app: str, argv: list[str] | None = None, config_name: st
         configure_logging()
         try:
             code = task(to_typed(dict_cfg))
-        except VisegError as exc:
-            print(f"viseg {app}: error: {exc}", file=sys.stderr)
+        except Exception as exc:
+            error = user_error(exc)
+            if error is None:
+                raise
+            print(f"viseg {app}: error: {error}", file=sys.stderr)
             sys.exit(2)
         if code:
             sys.exit(code)

@@ -6,6 +6,13 @@ keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+import shutil
+from pathlib import Path
+
+# "disk full" and "quota exceeded" read the same to a user: nothing more can be written there
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
 
 class VisegError(Exception):
     """Base class for errors caused by user input (configs, datasets, folders)."""
@@ -26,3 +33,46 @@ class DatasetError(VisegError):
 
 class TrainingError(VisegError):
     """Training cannot go on (e.g. the loss diverged); the run folder keeps its last good checkpoint."""
+
+
+class StorageFullError(VisegError):
+    """A write failed because its volume (or quota) is full. What was complete before stays complete: every
+    checkpoint and state file is written beside its target and renamed, and the partial file is removed."""
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """An exception and what it wraps (Ray keeps a worker's exception as `cause`)."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(chain) < 20:  # a chain, not a cycle
+        chain.append(seen)
+        seen = getattr(seen, "cause", None) or seen.__cause__ or seen.__context__
+    return chain
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """Whether an exception, or anything it wraps, is a full disk or quota. Ray re-raises a worker's error as
+    a new class and pyarrow only keeps the errno in its text, so the text counts too."""
+    return any((isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS)
+               or "No space left on device" in str(e) or "Disk quota exceeded" in str(e) for e in _chain(exc))
+
+
+def unwritable_file(exc: BaseException) -> str | None:
+    """The file a full disk refused: a copy's destination (filename2) before its source."""
+    for error in _chain(exc):
+        if isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS and (error.filename2 or error.filename):
+            return str(error.filename2 or error.filename)
+    return None
+
+
+def storage_full(what: str, where: Path, fix: str) -> StorageFullError:
+    """The error for a full volume: what could not be written, how much room is left there, what to do."""
+    folder = Path(where)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        usage = shutil.disk_usage(folder)
+        room = f" ({usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.0f} MiB there)"
+    except OSError:
+        room = ""
+    return StorageFullError(f"no space left on device writing {what}: {where}{room}", fix=fix)

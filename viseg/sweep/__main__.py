@@ -66,15 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     if "--help" in args or "-h" in args:
         print(HELP)
         return 0
-    from viseg.cli import configure_logging
-    from viseg.errors import VisegError
+    from viseg.cli import configure_logging, user_error
     from viseg.sweep.commands import run
 
     configure_logging()
     try:
         return run(_normalise_args(args), sweeps_dir())
-    except VisegError as exc:
-        print(f"viseg sweep: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        error = user_error(exc)
+        if error is None:
+            raise
+        print(f"viseg sweep: error: {error}", file=sys.stderr)
         return 2
 
 

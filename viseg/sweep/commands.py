@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import traceback
 from pathlib import Path
 
-from viseg.errors import ConfigError
+from viseg.errors import ConfigError, VisegError, is_storage_full, storage_full
 from viseg.sweep.driver import STATE_FILE, SweepPlan, load_state, plan_sweep, prepare_all, render_trials, save_state
 from viseg.sweep.parse import parse_request
 
@@ -27,10 +28,44 @@ def _finish(plan: SweepPlan, results) -> int:
 
     errors = record_errors(plan, results)
     code = print_summary(plan.experiment_dir)
+    if any(e["error"].startswith("StorageFullError") for e in errors):
+        raise storage_full("the sweep's results", plan.experiment_dir,
+                           fix=f"free space on that volume, then python -m viseg.sweep resume={plan.experiment_dir} "
+                               f"(finished trials and every complete checkpoint are kept; errors.json says which "
+                               f"trials stopped)")
     if errors:
         print(f"\n{len(errors)} trial(s) failed; see {plan.experiment_dir / 'errors.json'}. "
               f"Continue with: python -m viseg.sweep resume={plan.experiment_dir}")
     return code if not errors else 1
+
+
+def _fit(plan: SweepPlan, tuner) -> int:
+    """Run the trials. A full disk under storage_path can break Tune's own bookkeeping (a truncated error
+    file makes its result grid raise): that becomes one error saying what is kept and how to go on."""
+    try:
+        return _finish(plan, tuner.fit())
+    except VisegError:
+        raise
+    except Exception as exc:
+        if is_storage_full(exc) or _a_trial_ran_out_of_space(plan.experiment_dir) or _ray_read_back_truncated(exc):
+            raise storage_full("the sweep's results", plan.experiment_dir,
+                               fix=f"free space on that volume, then python -m viseg.sweep resume={plan.experiment_dir}"
+                                   " (finished trials and every complete checkpoint are kept)") from exc
+        raise
+
+
+def _a_trial_ran_out_of_space(experiment_dir: Path) -> bool:
+    return any("no space left on device" in path.read_text(errors="replace").lower()
+               for path in experiment_dir.glob("*/error.txt"))
+
+
+def _ray_read_back_truncated(exc: BaseException) -> bool:
+    """Tune failing to read back a file it wrote itself (an empty error.pkl, a cut JSON state): its writes
+    to storage_path are not atomic, and a full volume is what cuts them (the error files too, so the
+    trials' own errors may not be readable either)."""
+    names = {"EOFError", "UnpicklingError", "JSONDecodeError"}
+    frames = traceback.extract_tb(exc.__traceback__)
+    return type(exc).__name__ in names and any("/ray/" in frame.filename for frame in frames)
 
 
 def new_sweep(args: list[str], sweeps_dir: Path) -> int:
@@ -67,7 +102,7 @@ def _start(plan: SweepPlan) -> int:
     prepare_all(plan)
     save_state(plan)
     init_ray()
-    return _finish(plan, build_tuner(plan).fit())
+    return _fit(plan, build_tuner(plan))
 
 
 def choose_best(args: list[str], sweeps_dir: Path) -> int:
@@ -90,7 +125,7 @@ def resume(experiment: str) -> int:
     plan = load_state(Path(experiment))
     print(render_trials(plan))
     init_ray()
-    return _finish(plan, restore_tuner(plan).fit())
+    return _fit(plan, restore_tuner(plan))
 
 
 def run(args: list[str], sweeps_dir: Path) -> int:

@@ -14,8 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from viseg.atomic import copy_atomically
 from viseg.config import BaseConfig
-from viseg.errors import ConfigError
+from viseg.errors import ConfigError, StorageFullError, is_storage_full, storage_full, unwritable_file
 from viseg.run_layout import FINISHED_MARKER
 
 log = logging.getLogger(__name__)
@@ -76,13 +77,25 @@ def _resume_checkpoint(run_dir: Path) -> Path | None:
         return None
     local.parent.mkdir(parents=True, exist_ok=True)
     with checkpoint.as_directory() as folder:
-        shutil.copy2(Path(folder) / "last.ckpt", local.with_suffix(".tmp"))
-    os.replace(local.with_suffix(".tmp"), local)
+        copy_atomically(Path(folder) / "last.ckpt", local)
     return local
 
 
 def run_trial(config: dict[str, Any], variants: dict[str, str], runs_dir: str) -> None:
-    """The Tune trainable."""
+    """The Tune trainable. A full disk anywhere in the trial (checkpoint, metrics, Ray's own copies) ends it
+    with one error that says where and how to go on, recorded like any trial error."""
+    try:
+        _train_trial(config, variants, runs_dir)
+    except Exception as exc:
+        if is_storage_full(exc) and not isinstance(exc, StorageFullError):
+            experiment = Path(runs_dir).parent
+            raise storage_full("the trial's results", Path(unwritable_file(exc) or experiment),
+                               fix=f"free space on that volume, then python -m viseg.sweep resume={experiment} "
+                                   "(finished trials and complete checkpoints are kept)") from exc
+        raise
+
+
+def _train_trial(config: dict[str, Any], variants: dict[str, str], runs_dir: str) -> None:
     import ray.tune
 
     from viseg.prepare import prepare

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from viseg.errors import ConfigError
 from viseg.jsonio import write_json_atomic
 from viseg.sweep.driver import SweepPlan
 from viseg.sweep.spec import SearchAxis
@@ -86,11 +87,56 @@ def build_tuner(plan: SweepPlan) -> Any:
 
 
 def restore_tuner(plan: SweepPlan) -> Any:
-    """Errored and unfinished trials continue from their last checkpoint; finished ones are kept."""
+    """Errored and unfinished trials continue from their last checkpoint; finished ones are kept.
+
+    Ray overwrites its experiment state in place, so a full disk can leave it empty, and Ray then "restarts"
+    with trials that have no config. Damaged state files are set aside first. A grid sweep needs no Ray state
+    to go on: its trials find their run folders by variant and fold, finished ones return at once and the
+    others continue from their own last.ckpt, so it starts a fresh Tuner. A search cannot: its trials are
+    named after Ray's ids and Optuna's history lives in that state."""
     from ray import tune
 
-    return tune.Tuner.restore(str(plan.experiment_dir), trainable(plan), resume_unfinished=True,
-                              resume_errored=True)
+    experiment = plan.experiment_dir
+    damaged = _set_aside_damaged_state(experiment)
+    if damaged is None:
+        return tune.Tuner.restore(str(experiment), trainable(plan), resume_unfinished=True, resume_errored=True)
+    if plan.search:
+        raise ConfigError(f"Ray's search state in {experiment} is damaged ({damaged}), so the search cannot "
+                          "continue where it stopped",
+                          fix=f"cross-validate what it found (cross_validate={experiment}) or start the search "
+                              "again under a new experiment=...; its finished trials stay in runs/")
+    log.warning("Ray's experiment state in %s is damaged (%s); the trials continue from their run folders "
+                "(finished ones are kept, the others resume from their last checkpoint)", experiment, damaged)
+    return build_tuner(plan)
+
+
+def _set_aside_damaged_state(experiment: Path) -> str | None:
+    """None when Ray can restore from the folder; else why not, after moving the damaged files into
+    `damaged_tune_state/` (kept for inspection, out of Ray's way)."""
+    damaged = [path for path in experiment.glob("experiment_state-*.json") if not _parses_as_json(path)]
+    tuner = experiment / "tuner.pkl"
+    if tuner.is_file() and tuner.stat().st_size == 0:
+        damaged.append(tuner)
+    if damaged:
+        aside = experiment / "damaged_tune_state"
+        aside.mkdir(exist_ok=True)
+        for path in damaged:
+            path.replace(aside / path.name)
+    if not tuner.is_file():
+        return f"no tuner.pkl{'' if not damaged else ', ' + ', '.join(p.name for p in damaged) + ' unreadable'}"
+    if not any(experiment.glob("experiment_state-*.json")):
+        return f"no readable experiment_state-*.json ({len(damaged)} unreadable, set aside)"
+    return None
+
+
+def _parses_as_json(path: Path) -> bool:
+    import json
+
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def error_message(error: BaseException) -> str:

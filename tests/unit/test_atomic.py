@@ -1,0 +1,75 @@
+"""The one atomic writer, and how a full disk is recognised and reported."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from viseg.atomic import copy_atomically, write_atomically, write_text_atomically
+from viseg.errors import StorageFullError, is_storage_full, storage_full, unwritable_file
+from viseg.sweep.tune import _set_aside_damaged_state
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_partial_one(tmp_path: Path):
+    target = tmp_path / "state.json"
+    target.write_text("old")
+
+    def half_then_full(tmp: Path) -> None:
+        tmp.write_text("new, but only ha")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+    with pytest.raises(OSError):
+        write_atomically(target, half_then_full)
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_writes_replace_the_target_and_keep_the_ending_when_asked(tmp_path: Path):
+    seen: list[Path] = []
+    write_atomically(tmp_path / "plot.png", lambda tmp: (seen.append(tmp), tmp.write_bytes(b"png")), keep_ending=True)
+    assert seen[0].name.endswith(".plot.png") and seen[0].parent == tmp_path
+    write_text_atomically(tmp_path / "a.txt", "text", fsync=True)
+    copy_atomically(tmp_path / "a.txt", tmp_path / "b.txt")
+    assert (tmp_path / "plot.png").read_bytes() == b"png" and (tmp_path / "b.txt").read_text() == "text"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "plot.png"]
+
+
+def test_a_full_disk_is_recognised_through_wrappers_and_names_the_refused_file(tmp_path: Path):
+    full = OSError(errno.ENOSPC, "No space left on device", "/cache/plans.json", None, "/results/plans.json")
+    try:
+        try:
+            raise full
+        except OSError as exc:
+            raise RuntimeError("the trial failed") from exc
+    except RuntimeError as wrapped:
+        assert is_storage_full(wrapped)
+        assert unwritable_file(wrapped) == "/results/plans.json"  # the copy's destination, not its source
+    assert is_storage_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert is_storage_full(OSError("[errno 28] Error writing bytes to file. Detail: No space left on device"))
+    assert not is_storage_full(OSError(errno.EACCES, "Permission denied"))
+    assert not is_storage_full(ValueError("no"))
+
+    error = storage_full("a checkpoint", tmp_path / "not" / "yet" / "last.ckpt", fix="free space")
+    assert isinstance(error, StorageFullError)
+    assert str(error).startswith(f"no space left on device writing a checkpoint: {tmp_path}/not/yet/last.ckpt (")
+    assert "MiB free of" in str(error) and str(error).endswith("fix: free space")
+
+
+def test_damaged_ray_state_is_set_aside_and_a_restorable_folder_is_left_alone(tmp_path: Path):
+    experiment = tmp_path / "experiment"
+    experiment.mkdir()
+    (experiment / "tuner.pkl").write_bytes(b"\x80\x05...")
+    (experiment / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": []}))
+    assert _set_aside_damaged_state(experiment) is None
+
+    (experiment / "experiment_state-2026-01-02_00-00-00.json").write_text("")  # what a full disk leaves
+    assert _set_aside_damaged_state(experiment) is None  # the older, complete state is still there
+    assert (experiment / "damaged_tune_state" / "experiment_state-2026-01-02_00-00-00.json").is_file()
+
+    (experiment / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": [')
+    reason = _set_aside_damaged_state(experiment)
+    assert reason is not None and "no readable experiment_state" in reason
+    assert not list(experiment.glob("experiment_state-*.json"))
