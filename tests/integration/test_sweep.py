@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -18,12 +15,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from tests.sweep_runs import TINY, epochs_in, kill_session, run_folders, start_sweep, sweep, wait_for
+
 pytestmark = pytest.mark.slow
-
-
-def sweep(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "viseg.sweep", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_reduced_main_command_runs_every_trial_and_prepares_once(tmp_path: Path):
@@ -121,43 +115,6 @@ def test_invalid_overrides_fail_fast_with_a_readable_message(tmp_path: Path, arg
 def test_help_explains_the_grammar(tmp_path: Path):
     result = sweep("--help", cwd=tmp_path, timeout=60)
     assert result.returncode == 0 and "resume=<experiment path>" in result.stdout and "interval" in result.stdout
-
-
-TINY = ("splits.n_folds=3", "trainer.val_iterations=1", "max_concurrent_trials=1")
-
-
-def wait_for(condition, process: subprocess.Popen, timeout: float = 600, what: str = "") -> None:
-    """Poll until `condition()` holds; fail early if the sweep ended first."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            output = process.stdout.read() if process.stdout else ""
-            pytest.fail(f"sweep ended (rc {process.returncode}) before {what}:\n{output[-4000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.5)
-
-
-def start_sweep(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "viseg.sweep", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def kill_session(process: subprocess.Popen) -> None:
-    """What a lost driver machine looks like: the driver and the local Ray it started die at once."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=60)
-
-
-def run_folders(experiment: Path) -> dict[str, Path]:
-    return {str(p.relative_to(experiment / "runs")).split("/", 2)[-1]: p
-            for p in (experiment / "runs").rglob("fold_*") if p.is_dir()}
-
-
-def epochs_in(run_dir: Path) -> list[int]:
-    with open(run_dir / "metrics.csv") as handle:
-        return [int(float(row["epoch"])) for row in csv.DictReader(handle)]
 
 
 def test_killed_driver_resumes_unfinished_trials_and_keeps_finished_ones(tmp_path: Path):

@@ -71,7 +71,7 @@ def test_kill_mid_checkpoint_write_resumes_from_a_complete_checkpoint(demo: Path
 
     def writing_a_later_checkpoint() -> bool:
         # after the first epoch's last.ckpt exists, catch Lightning writing the next one
-        for tmp in runs.rglob("checkpoints/.last.ckpt.tmp"):
+        for tmp in runs.rglob("checkpoints/.last.ckpt.*.tmp"):
             if (tmp.parent / "last.ckpt").exists() or (tmp.parent / "previous.ckpt").exists():
                 return True
         return False
