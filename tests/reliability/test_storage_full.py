@@ -114,9 +114,9 @@ def test_a_volume_too_small_for_the_sweep_truncates_ray_state_and_resume_still_w
                                                                                       tmp_path: Path):
     """Ray writes its experiment state in place: a full disk leaves it empty, and Ray would then restart the
     experiment with trials that have no config. The resume sets damaged state aside and carries on."""
-    mount_tmpfs(volume, "100m", remount=True)  # one checkpoint and Ray's copy of it fit, little more
+    mount_tmpfs(volume, "100m", remount=True)  # fold 0's checkpoints fit, Ray's copy of them fills the rest
     experiment = volume / "sweeps" / "small"
-    result = sweep("folds=0", "trainer.max_epochs=2", "trainer.iterations_per_epoch=2", *TINY, "experiment=small",
+    result = sweep("folds=0-1", "trainer.max_epochs=3", "trainer.iterations_per_epoch=2", *TINY, "experiment=small",
                    f"storage_path={volume / 'sweeps'}", cwd=tmp_path)
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
     assert_clear_error(result.stdout + result.stderr, "sweep", f"resume={experiment}")
@@ -130,10 +130,10 @@ def test_a_volume_too_small_for_the_sweep_truncates_ray_state_and_resume_still_w
     assert "is damaged" in result.stdout + result.stderr  # the path this test is for was taken
     assert list((experiment / "damaged_tune_state").glob("experiment_state-*.json"))
     runs = run_folders(experiment)
-    assert sorted(runs) == ["default/fold_0"]
+    assert sorted(runs) == ["default/fold_0", "default/fold_1"]
     for run in runs.values():
-        assert json.loads((run / "finished.json").read_text())["epochs"] == 2
-        assert epochs_in(run) == [0, 1]
+        assert json.loads((run / "finished.json").read_text())["epochs"] == 3
+        assert epochs_in(run) == [0, 1, 2]
 
 
 def test_full_cache_and_results_volume_fails_a_training_run_clearly_and_the_rerun_completes(volume: Path,
