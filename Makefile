@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.viseg-installed
 TORCH_VERSION := 2.13.0
 PYTEST_ARGS ?=
+# two pytest workers (pytest-xdist): the end-to-end tests spend much of their time starting processes and
+# waiting on them, so two run side by side even on a 2-core CI machine. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint bench-fingerprint clean-venv
 
@@ -28,7 +31,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
