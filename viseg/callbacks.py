@@ -17,7 +17,7 @@ import torch
 
 from viseg.atomic import write_atomically, write_text_atomically
 from viseg.checkpoints import keep_previous as keep_previous_checkpoint
-from viseg.errors import is_storage_full, storage_full
+from viseg.errors import free_space_then, is_storage_full, storage_full
 
 ReportFn = Callable[[dict[str, float], Path], None]
 BEST_METRIC = "val/ema_pseudo_dice"
@@ -33,9 +33,8 @@ def atomic_save_checkpoint(trainer: L.Trainer, path: Path, keep_previous: bool =
                          before_replace=(lambda: keep_previous_checkpoint(path.parent)) if keep_previous else None)
     except Exception as exc:
         if is_storage_full(exc):
-            raise storage_full("a checkpoint", path, fix=f"free space on that volume (or point paths.results or "
-                               f"storage_path at a larger one), then run the same command again: it continues "
-                               f"from {path.parent / 'last.ckpt'}, the last complete checkpoint, untouched") from exc
+            raise storage_full("a checkpoint", path, fix=free_space_then(
+                f"run the same command again: it continues from {path.parent / 'last.ckpt'}")) from exc
         raise
 
 

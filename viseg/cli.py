@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from viseg.errors import ConfigError, VisegError, is_storage_full, storage_full, unwritable_file
+from viseg.errors import ConfigError, VisegError, free_space_then, is_storage_full, storage_full, unwritable_file
 
 DEFAULT_CONFIG = "anatomy_config"
 Task = Callable[[Any], int]
@@ -36,8 +36,7 @@ def user_error(exc: BaseException) -> VisegError | None:
         seen = seen.__cause__ or seen.__context__
     if is_storage_full(exc):
         return storage_full("files", Path(unwritable_file(exc) or "."),
-                            fix="free space on that volume (or point the paths at a larger one), then run the same "
-                                "command again: complete files are kept and reused")
+                            fix=free_space_then("run the same command again"))
     return None
 
 

@@ -65,6 +65,12 @@ def unwritable_file(exc: BaseException) -> str | None:
     return None
 
 
+def free_space_then(step: str) -> str:
+    """The fix for every full volume: what to free, what to run next, and that nothing complete is lost."""
+    return (f"free space on that volume (or point the path at a larger one), then {step}; finished work and every "
+            "complete checkpoint are kept")
+
+
 def storage_full(what: str, where: Path, fix: str) -> StorageFullError:
     """The error for a full volume: what could not be written, how much room is left there, what to do."""
     folder = Path(where)

@@ -6,7 +6,7 @@ import logging
 import traceback
 from pathlib import Path
 
-from viseg.errors import ConfigError, VisegError, is_storage_full, storage_full
+from viseg.errors import ConfigError, VisegError, free_space_then, is_storage_full, storage_full
 from viseg.sweep.driver import STATE_FILE, SweepPlan, load_state, plan_sweep, prepare_all, render_trials, save_state
 from viseg.sweep.parse import parse_request
 
@@ -30,9 +30,7 @@ def _finish(plan: SweepPlan, results) -> int:
     code = print_summary(plan.experiment_dir)
     if any(e["error"].startswith("StorageFullError") for e in errors):
         raise storage_full("the sweep's results", plan.experiment_dir,
-                           fix=f"free space on that volume, then python -m viseg.sweep resume={plan.experiment_dir} "
-                               f"(finished trials and every complete checkpoint are kept; errors.json says which "
-                               f"trials stopped)")
+                           fix=free_space_then(f"python -m viseg.sweep resume={plan.experiment_dir}"))
     if errors:
         print(f"\n{len(errors)} trial(s) failed; see {plan.experiment_dir / 'errors.json'}. "
               f"Continue with: python -m viseg.sweep resume={plan.experiment_dir}")
@@ -49,8 +47,7 @@ def _fit(plan: SweepPlan, tuner) -> int:
     except Exception as exc:
         if is_storage_full(exc) or _a_trial_ran_out_of_space(plan.experiment_dir) or _ray_read_back_truncated(exc):
             raise storage_full("the sweep's results", plan.experiment_dir,
-                               fix=f"free space on that volume, then python -m viseg.sweep resume={plan.experiment_dir}"
-                                   " (finished trials and every complete checkpoint are kept)") from exc
+                               fix=free_space_then(f"python -m viseg.sweep resume={plan.experiment_dir}")) from exc
         raise
 
 

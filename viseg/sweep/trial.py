@@ -16,7 +16,14 @@ from typing import Any
 
 from viseg.atomic import copy_atomically
 from viseg.config import BaseConfig
-from viseg.errors import ConfigError, StorageFullError, is_storage_full, storage_full, unwritable_file
+from viseg.errors import (
+    ConfigError,
+    StorageFullError,
+    free_space_then,
+    is_storage_full,
+    storage_full,
+    unwritable_file,
+)
 from viseg.run_layout import FINISHED_MARKER
 
 log = logging.getLogger(__name__)
@@ -90,8 +97,7 @@ def run_trial(config: dict[str, Any], variants: dict[str, str], runs_dir: str) -
         if is_storage_full(exc) and not isinstance(exc, StorageFullError):
             experiment = Path(runs_dir).parent
             raise storage_full("the trial's results", Path(unwritable_file(exc) or experiment),
-                               fix=f"free space on that volume, then python -m viseg.sweep resume={experiment} "
-                                   "(finished trials and complete checkpoints are kept)") from exc
+                               fix=free_space_then(f"python -m viseg.sweep resume={experiment}")) from exc
         raise
 
 
