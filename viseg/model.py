@@ -9,11 +9,14 @@ from viseg.plans import Plans
 
 
 def build_model(plans: Plans, configuration: str, deep_supervision: bool = True) -> nn.Module:
-    """The planned network with nnU-Net's He initialisation (negative slope 1e-2, matching LeakyReLU)."""
-    from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+    """The planned network, initialised by its own `initialize` as nnU-Net's get_network_from_plans does.
 
+    That is He initialisation (negative slope 1e-2, matching LeakyReLU) for every architecture, and for the
+    residual encoder also zero weights in the last norm before each residual add, so every block starts as
+    the identity; a generic He init alone would leave ResEnc's deep residual stacks unscaled at the start.
+    """
     plan = plans.configuration(configuration)
     network = build_network(get_architecture(plan.network.architecture), plan.network.as_kwargs(),
                             plans.num_channels, plans.num_classes, deep_supervision=deep_supervision)
-    network.apply(InitWeights_He(1e-2))
+    network.apply(network.initialize)
     return network
