@@ -210,8 +210,10 @@ class TrainingBatches(IterableDataset):
 class SegmentationDataModule(L.LightningDataModule):
     """Training and validation batches from one preprocessed folder and one cross-validation split.
 
-    Validation samples like training (nnU-Net validates on oversampled patches too) from its own cases,
-    always at epoch 0, so every epoch is scored on the same patches.
+    Validation samples like training (nnU-Net validates on oversampled patches too) from its own cases and
+    its own stream, with new patches every epoch as nnU-Net's validation loader draws them: a pseudo-Dice
+    (and so the best checkpoint) resting on one fixed set of 50 patches would reward fitting those patches.
+    Both streams are reproducible per (seed, epoch).
     """
 
     def __init__(self, folder: Path, train_ids: Sequence[str], val_ids: Sequence[str],
@@ -229,8 +231,10 @@ class SegmentationDataModule(L.LightningDataModule):
         self.val_batches = TrainingBatches(sampler(val_ids), val_iterations, seed, stream=1)
 
     def set_epoch(self, epoch: int) -> None:
-        """Call before each training epoch starts (viseg.callbacks.EpochSeeder does)."""
+        """Call before each training epoch starts (viseg.callbacks.EpochSeeder does); the epoch's
+        validation, which Lightning runs at its end, then draws that epoch's patches too."""
         self.train_batches.set_epoch(epoch)
+        self.val_batches.set_epoch(epoch)
 
     def train_dataloader(self) -> DataLoader:
         if self.trainer is not None:
