@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from viseg.errors import ConfigError
+from viseg.run_layout import WEIGHTS, WEIGHTS_HELP
 from viseg.schedulers import METRIC_SCHEDULERS, SCHEDULERS
 
 OPTIMIZERS = ("SGD", "AdamW")
@@ -287,7 +288,7 @@ class BaseConfig:
     num_processes: int | None = None  # worker processes for verify/fingerprint/preprocess; None = all cores
 
     # Dataset-dependent values (training docs' table). Left empty they are planned from the data.
-    foreground_labels: list[int] | None = None
+    foreground_labels: list[int] | None = None  # None: every dataset.json label but background and 'ignore'
     patch_size: list[int] | None = None  # an initial size: snapped to the closest valid one
     spacing: list[float] | None = None  # target spacing in the network's (transposed) axis order
     batch_size: int | None = None
@@ -356,7 +357,6 @@ def reject_derived_overrides(cfg: BaseConfig) -> None:
         )
 
 
-CHECKPOINTS = ("best", "last")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
@@ -372,7 +372,7 @@ class PredictConfig:
     variant: str | None = None  # with an experiment folder: the variant whose finished folds form the ensemble
     input: str = MISSING  # a folder of <case>_<XXXX>.nii.gz files, or a comma list of files
     output: str = MISSING  # folder for <case>.nii.gz (and <case>.npz with save_probabilities)
-    checkpoint: str = "best"  # best (moving-average pseudo-Dice) or last
+    checkpoint: str = "final"  # final (end of training), best (moving-average pseudo-Dice) or last: WEIGHTS
     mirror: bool = True  # test-time mirroring along the axes training mirrored (nnU-Net's default)
     step: float = 0.5  # sliding-window step as a fraction of the patch (0.5: half a patch of overlap)
     batch_size: int = 2  # windows per forward pass
@@ -381,9 +381,8 @@ class PredictConfig:
     postprocessing: str | None = None  # a postprocessing.json to apply instead of the one found beside the runs
 
     def __post_init__(self) -> None:
-        if self.checkpoint not in CHECKPOINTS:
-            raise ConfigError(f"checkpoint={self.checkpoint!r} is not a checkpoint name",
-                              fix=f"use one of {CHECKPOINTS}")
+        if self.checkpoint not in WEIGHTS:
+            raise ConfigError(f"checkpoint={self.checkpoint!r} is not a checkpoint name", fix=f"use {WEIGHTS_HELP}")
         if not 0.0 < self.step <= 1.0:
             raise ConfigError(f"step={self.step} must lie in (0, 1]", fix="use e.g. step=0.5 (nnU-Net's default)")
         if self.batch_size < 1:

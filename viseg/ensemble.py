@@ -18,7 +18,7 @@ from viseg.config import BaseConfig
 from viseg.errors import ConfigError
 from viseg.jsonio import read_json
 from viseg.plans import Plans
-from viseg.run_layout import FINISHED_MARKER
+from viseg.run_layout import FINISHED_MARKER, WEIGHTS, WEIGHTS_HELP, weights_file
 
 if TYPE_CHECKING:
     import torch
@@ -186,13 +186,21 @@ def resolve_device(device: str) -> torch.device:
 
 
 def checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
-    path = run_dir / "checkpoints" / f"{checkpoint}.ckpt"
+    """The file behind a choice of WEIGHTS. `final` is last.ckpt of a run that finished training: the
+    latest epoch of an interrupted run is not a final model, so it must be asked for as `last`."""
+    if checkpoint not in WEIGHTS:
+        raise ConfigError(f"checkpoint={checkpoint!r} is not a checkpoint name", fix=f"use {WEIGHTS_HELP}")
+    path = run_dir / "checkpoints" / weights_file(checkpoint)
+    if checkpoint == "final" and path.is_file() and not (run_dir / FINISHED_MARKER).is_file():
+        raise ConfigError(f"run folder {run_dir} has not finished training (no {FINISHED_MARKER}), so it has no "
+                          "final weights yet",
+                          fix=f"let it finish (continue_from={run_dir}), or predict with its latest epoch: "
+                              "checkpoint=last")
     if path.is_file():
         return path
-    other = "last" if checkpoint == "best" else "best"
-    has_other = (run_dir / "checkpoints" / f"{other}.ckpt").is_file()
-    alternative = f", or predict with checkpoint={other}" if has_other else ""
-    raise ConfigError(f"run folder {run_dir} has no checkpoints/{checkpoint}.ckpt",
+    others = [w for w in WEIGHTS if w != checkpoint and (run_dir / "checkpoints" / weights_file(w)).is_file()]
+    alternative = f", or predict with checkpoint={others[0]}" if others else ""
+    raise ConfigError(f"run folder {run_dir} has no checkpoints/{path.name} ({checkpoint} weights)",
                       fix=f"train it (python -m viseg.train, or continue_from={run_dir}){alternative}")
 
 
@@ -308,7 +316,7 @@ def _file_ending(run_dir: Path) -> str:
     return ending if isinstance(ending, str) else ".nii.gz"
 
 
-def load_ensemble(run_dirs: list[Path] | tuple[Path, ...], checkpoint: str = "best",
+def load_ensemble(run_dirs: list[Path] | tuple[Path, ...], checkpoint: str = "final",
                   device: str | torch.device = "auto") -> Ensemble:
     """Load every run's network; all runs must share one plan (ConfigError naming the two folders else)."""
     import torch

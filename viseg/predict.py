@@ -1,7 +1,7 @@
 """`python -m viseg.predict`: sliding-window inference with fold ensembles, written as NIfTI.
 
     python -m viseg.predict model=<run folder | run,run,... | experiment folder> [variant=<name>]
-        input=<folder | file,file,...> output=<folder> [checkpoint=best|last] [mirror=true] [step=0.5]
+        input=<folder | file,file,...> output=<folder> [checkpoint=final|best|last] [mirror=true] [step=0.5]
         [batch_size=2] [save_probabilities=false] [device=auto]
 
 Per case: the same `preprocess_case` as training -> `predict_volume` per network (Gaussian-weighted sliding
@@ -26,6 +26,7 @@ import numpy as np
 
 from viseg.config import PredictConfig
 from viseg.errors import ConfigError, DatasetError, VisegError
+from viseg.run_layout import describe_weights
 
 if TYPE_CHECKING:
     from viseg.ensemble import Ensemble, Postprocessing
@@ -158,8 +159,8 @@ def predict_cases(ensemble: Ensemble, cases: list[CaseInput], output: Path, opti
 def _describe(ensemble: Ensemble, cfg: PredictConfig, postprocessing: Postprocessing | None) -> None:
     runs = "\n".join(f"  {d}" for d in ensemble.run_dirs)
     mirror = list(ensemble.mirror_axes) if cfg.mirror and ensemble.mirror_axes else "off"
-    log.info("ensemble of %d run(s), checkpoint=%s, %s configuration, predicting labels %s:\n%s",
-             len(ensemble.run_dirs), cfg.checkpoint, ensemble.configuration, list(ensemble.label_values[1:]), runs)
+    log.info("ensemble of %d run(s), %s, %s configuration, predicting labels %s:\n%s", len(ensemble.run_dirs),
+             describe_weights(cfg.checkpoint), ensemble.configuration, list(ensemble.label_values[1:]), runs)
     log.info("device %s, mirror axes %s, step %s, postprocessing %s", ensemble.device, mirror, cfg.step,
              f"{postprocessing.source} (largest component of {list(postprocessing.largest_component_labels)})"
              if postprocessing else "none")

@@ -2,3 +2,21 @@
 predict loader use them without pulling in Lightning."""
 
 FINISHED_MARKER = "finished.json"  # written by train() last, after the validation summary
+
+# Which weights of a run predict, best= and the ensembles use. nnU-Net predicts with checkpoint_final.pth;
+# "best" (the best moving-average pseudo-Dice) rests on a few hundred validation patches, so it is an option.
+WEIGHTS = ("final", "best", "last")
+WEIGHTS_HELP = ("final (the end of training, nnU-Net's checkpoint_final), best (best moving-average pseudo-Dice) "
+                "or last (the latest epoch, also of an unfinished run)")
+
+
+def weights_file(weights: str) -> str:
+    """The checkpoint file (under checkpoints/) that holds a choice of WEIGHTS."""
+    return "best.ckpt" if weights == "best" else "last.ckpt"
+
+
+def describe_weights(weights: str) -> str:
+    """For the log: which weights a prediction uses, and which file they come from."""
+    source = {"final": "the end of training", "best": "best moving-average pseudo-Dice",
+              "last": "latest epoch, finished or not"}[weights]
+    return f"{weights} weights ({source}: checkpoints/{weights_file(weights)})"

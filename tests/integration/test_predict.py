@@ -153,11 +153,12 @@ def linked_run(source: Path, target: Path, skip: tuple[str, ...] = ()) -> Path:
 
 
 def rewritten_checkpoint(source: Path, target: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
-    """A linked run whose best.ckpt is `edit(checkpoint)` of the source's (saved as plain tensors and values)."""
-    linked_run(source, target, skip=("checkpoints/best.ckpt",))
-    checkpoint = torch.load(source / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    """A linked run whose last.ckpt (the final weights, predict's default) is `edit(checkpoint)` of the
+    source's (saved as plain tensors and values)."""
+    linked_run(source, target, skip=("checkpoints/last.ckpt",))
+    checkpoint = torch.load(source / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     edit(checkpoint)
-    torch.save(checkpoint, target / "checkpoints" / "best.ckpt")
+    torch.save(checkpoint, target / "checkpoints" / "last.ckpt")
     return target
 
 
@@ -329,11 +330,22 @@ def test_bad_cases_fail_alone_with_messages_naming_their_files(trained: Trained,
 def test_model_errors_name_the_folder_and_the_fix(trained: Trained, acdc: Path, tmp_path: Path):
     no_best = linked_run(trained.run_b, tmp_path / "no_best" / "fold_1", skip=("checkpoints/best.ckpt",))
     result = viseg_predict(f"model={no_best}", f"input={image_file(acdc, CASES[0])}", f"output={tmp_path / 'out'}",
-                           cwd=tmp_path)
+                           "checkpoint=best", cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
-    assert f"run folder {no_best} has no checkpoints/best.ckpt" in result.stderr
-    assert "train it" in result.stderr and "checkpoint=last" in result.stderr
+    assert f"run folder {no_best} has no checkpoints/best.ckpt (best weights)" in result.stderr
+    assert "train it" in result.stderr and "checkpoint=final" in result.stderr
+
+    unfinished = linked_run(trained.run_b, tmp_path / "unfinished" / "fold_1", skip=("finished.json",))
+    result = viseg_predict(f"model={unfinished}", f"input={image_file(acdc, CASES[0])}",
+                           f"output={tmp_path / 'out'}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert f"run folder {unfinished} has not finished training" in result.stderr
+    assert "checkpoint=last" in result.stderr
+    last = viseg_predict(f"model={unfinished}", f"input={image_file(acdc, CASES[0])}",
+                         f"output={tmp_path / 'out'}", "checkpoint=last", cwd=tmp_path)
+    assert last.returncode == 0, last.stdout + last.stderr
+    assert "last weights (latest epoch, finished or not: checkpoints/last.ckpt)" in last.stderr + last.stdout
 
     def other_patch(checkpoint: dict[str, Any]) -> None:
         checkpoint["viseg"]["plans"]["configurations"]["2d"]["patch_size"] = [32, 32]

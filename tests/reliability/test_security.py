@@ -378,7 +378,7 @@ def test_predict_command_refuses_code_in_a_checkpoint(tmp_path: Path) -> None:
     run_dir = fake_run_dir(tmp_path / "run" / "fold_0")
     crafted_checkpoint(run_dir / "checkpoints" / "best.ckpt", marker)
     result = run_viseg("predict", f"model={run_dir}", f"input={tmp_path}", f"output={tmp_path / 'out'}",
-                       "device=cpu", cwd=tmp_path)
+                       "device=cpu", "checkpoint=best", cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in output and "fix:" in output, output
     assert "best.ckpt" in output

@@ -33,7 +33,7 @@ Sweep settings (a sweep spec in sweeps/<name>.yaml may set them; the command lin
   best=<experiment path>         choose what to deploy: cross-validation Dice of every variant predicted at
                                  full resolution, the top two ensembled, largest-component postprocessing
                                  per label where it helps; writes selection/best.json, prints the predict
-                                 command (selection.ensembles=true selection.mirror=true selection.checkpoint=best)
+                                 command (selection.ensembles=true selection.mirror=true selection.checkpoint=final)
 
 Without dataset.basepath (and without sweep=), the demo spec runs on the built-in demo dataset with a
 small budget, so `python -m viseg.sweep folds=0-4 lr_scheduler=step_lr,poly` finishes on a laptop CPU.

@@ -30,7 +30,7 @@ import numpy as np
 from viseg.atomic import write_atomically
 from viseg.errors import ConfigError
 from viseg.jsonio import read_json, write_json_atomic
-from viseg.run_layout import FINISHED_MARKER
+from viseg.run_layout import FINISHED_MARKER, describe_weights
 
 log = logging.getLogger(__name__)
 SELECTION_DIR = "selection"
@@ -167,18 +167,21 @@ def choose_postprocessing(load: LoadProbabilities, reference: Reference, baselin
             "mean_dice_after": after["mean_dice"]}
 
 
-def predict_command(experiment: Path, best: Candidate, postprocessing_file: Path) -> str:
+def predict_command(experiment: Path, best: Candidate, postprocessing_file: Path, checkpoint: str) -> str:
+    """The command that deploys the winner with the weights it was scored with (final is predict's default)."""
+    weights = [] if checkpoint == "final" else [f"checkpoint={checkpoint}"]
     if len(best.members) == 1:
         return shlex.join(["python", "-m", "viseg.predict", f"model={experiment}", f"variant={best.members[0]}",
-                           "input=<images folder>", "output=<output folder>"])
-    return shlex.join(["python", "-m", "viseg.predict", f"model={','.join(best.run_dirs)}",
+                           *weights, "input=<images folder>", "output=<output folder>"])
+    return shlex.join(["python", "-m", "viseg.predict", f"model={','.join(best.run_dirs)}", *weights,
                        f"postprocessing={postprocessing_file}", "input=<images folder>", "output=<output folder>"])
 
 
-def select_best(experiment: Path, ensembles: bool = True, checkpoint: str = "best", mirror: bool = True,
+def select_best(experiment: Path, ensembles: bool = True, checkpoint: str = "final", mirror: bool = True,
                 progress: bool = True) -> dict[str, Any]:
     experiment = Path(experiment).expanduser().resolve()
     variants = finished_variants(experiment)
+    log.info("scoring %d variant(s) of %s with %s", len(variants), experiment, describe_weights(checkpoint))
     selection = experiment / SELECTION_DIR
     folders = {v: selection / "predictions" / v.replace("/", "_") for v in variants}
     labels: dict[str, np.ndarray] = {}
@@ -206,7 +209,7 @@ def select_best(experiment: Path, ensembles: bool = True, checkpoint: str = "bes
               "metric": "mean over labels of the mean Dice over full-resolution cross-validation cases",
               "candidates": [asdict(c) for c in candidates], "best": asdict(best), "postprocessing": postprocessing,
               "postprocessing_file": str(postprocessing_file),
-              "predict_command": predict_command(experiment, best, postprocessing_file)}
+              "predict_command": predict_command(experiment, best, postprocessing_file, checkpoint)}
     write_json_atomic(selection / "best.json", report)
     return report
 
@@ -242,7 +245,7 @@ def render(report: dict[str, Any]) -> str:
     post = report["postprocessing"]
     kept = post["largest_component_labels"]
     lines += ["", f"* best: {report['best']['name']} ({report['best']['n_cases']} cross-validation cases at full "
-                  "resolution)",
+                  f"resolution, {describe_weights(report['checkpoint'])})",
               f"postprocessing: largest component of labels {kept} (mean Dice {_fmt(post['mean_dice_before'])} -> "
               f"{_fmt(post['mean_dice_after'])})" if kept else "postprocessing: none improves Dice",
               f"written: {Path(report['experiment']) / SELECTION_DIR / 'best.json'}",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from viseg.errors import ConfigError
+from viseg.run_layout import WEIGHTS, WEIGHTS_HELP
 
 SWEEP_KEYS = ("folds", "sweep", "dry_run", "resume", "summary", "cross_validate", "top_k", "experiment",
               "storage_path", "num_samples", "max_concurrent_trials", "max_failures", "checkpoints_to_keep",
@@ -43,13 +44,13 @@ class SelectionConfig:
     """How best= scores the variants (nnU-Net's find_best_configuration validates with mirroring on)."""
 
     ensembles: bool = True  # also score the top two variants averaged
-    checkpoint: str = "best"  # best (moving-average pseudo-Dice) or last, as python -m viseg.predict
+    checkpoint: str = "final"  # final, best or last (WEIGHTS), as python -m viseg.predict
     mirror: bool = True
 
     def __post_init__(self) -> None:
-        if self.checkpoint not in ("best", "last"):
+        if self.checkpoint not in WEIGHTS:
             raise ConfigError(f"selection.checkpoint={self.checkpoint!r} is not a checkpoint name",
-                              fix="use selection.checkpoint=best or last")
+                              fix=f"use selection.checkpoint={WEIGHTS_HELP}")
 
 
 @dataclass
