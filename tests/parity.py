@@ -24,8 +24,14 @@ def load_json(path: Path) -> Any:
 
 def fingerprint_from_reference(shared: Path, name: str) -> Fingerprint:
     """nnU-Net's dataset_fingerprint.json as a viseg Fingerprint (nnU-Net stores no case ids or labels)."""
-    ref = load_json(shared / "reference" / name / "dataset_fingerprint.json")
-    dataset_json = load_json(shared.joinpath(*REFERENCE_DATASET_JSON[name]))
+    return fingerprint_from_files(name, shared / "reference" / name / "dataset_fingerprint.json",
+                                  shared.joinpath(*REFERENCE_DATASET_JSON[name]))
+
+
+def fingerprint_from_files(name: str, fingerprint_json: Path, dataset_json_path: Path) -> Fingerprint:
+    """A dataset_fingerprint.json in nnU-Net's format and its dataset.json as a viseg Fingerprint."""
+    ref = load_json(fingerprint_json)
+    dataset_json = load_json(dataset_json_path)
     channels = dataset_json["channel_names"]
     n = len(ref["spacings"])
     return Fingerprint(

@@ -10,7 +10,7 @@ interdependent values consistent; the network topology itself is never overridde
 from __future__ import annotations
 
 from copy import deepcopy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,12 @@ _NORMALIZATION_BY_CHANNEL_NAME = {
     "rgb_to_0_1": "RGBTo01Normalization",
 }
 CONFIGURATION_BY_DIM = {3: "3d_fullres", 2: "2d"}
+# nnU-Net's 3d_lowres rule (ExperimentPlanner.plan_experiment): a lowres stage is searched when the fullres
+# patch covers under 25 % of the median image, by coarsening the spacing 3 % a step (1.03, not 1.01, keeps
+# the number of memory estimates down), and dropped unless it shrinks the median image at least 2x.
+LOWRES_CREATION_THRESHOLD = 0.25
+LOWRES_SPACING_INCREASE = 1.03
+LOWRES_MIN_SHRINK = 2.0
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,10 @@ def compute_new_shape(old_shape: Any, old_spacing: Any, new_spacing: Any) -> lis
 
 # -- one configuration (3d_fullres or 2d) ---------------------------------------------------------------
 @dataclass
-class _ConfigurationInputs:
+class ConfigurationInputs:
+    """What one configuration is planned from: its spacing and median image (network axis order), the
+    dataset size that caps the batch, and the user's overrides when it is the configuration a run trains."""
+
     name: str
     spacing: np.ndarray
     median_shape: np.ndarray
@@ -166,6 +175,11 @@ class _Estimator:
                                     deep_supervision=False)
             self.cache[key] = float(net.compute_conv_feature_map_size(patch_size))
         return self.cache[key]
+
+
+def _vram_reference(preset: PlannerPreset, dim: int, gpu_memory_gb: float) -> float:
+    """The feature-map budget of the GPU memory target (nnU-Net's reference value, scaled to the target)."""
+    return (preset.reference_val_3d if dim == 3 else preset.reference_val_2d) * (gpu_memory_gb / preset.reference_gb)
 
 
 def _topology(arch: Architecture, strides: Any, kernels: Any, dim: int) -> NetworkTopology:
@@ -205,7 +219,7 @@ def snap_patch_size(spacing: np.ndarray, requested: tuple[int, ...], min_edge: i
     return get_pool_and_conv_props(spacing, size, min_edge)[2]
 
 
-def _shrink_to_fit(inputs: _ConfigurationInputs, arch: Architecture, estimate: _Estimator,
+def _shrink_to_fit(inputs: ConfigurationInputs, arch: Architecture, estimate: _Estimator,
                    reference: float, patch: list[int]) -> tuple[list[int], NetworkTopology]:
     """Shrink the axis that is largest relative to the median shape until the network fits."""
     preset, spacing, dim = arch.preset, inputs.spacing, len(inputs.spacing)
@@ -228,13 +242,15 @@ def _shrink_to_fit(inputs: _ConfigurationInputs, arch: Architecture, estimate: _
     return patch, topology
 
 
-def plan_configuration(inputs: _ConfigurationInputs, arch: Architecture, gpu_memory_gb: float,
-                       fingerprint: Fingerprint) -> ConfigurationPlan:
+def plan_configuration(inputs: ConfigurationInputs, arch: Architecture, gpu_memory_gb: float,
+                       fingerprint: Fingerprint, batch_dice: bool,
+                       estimate: _Estimator | None = None) -> ConfigurationPlan:
+    """Patch size, topology and batch size of one configuration; `estimate` may be shared between
+    configurations so that a patch already estimated is not built again (nnU-Net's cache)."""
     preset: PlannerPreset = arch.preset
     dim = len(inputs.spacing)
-    estimate = _Estimator(arch, inputs.num_input_channels, inputs.num_output_channels)
-    reference = (preset.reference_val_3d if dim == 3 else preset.reference_val_2d) * (
-        gpu_memory_gb / preset.reference_gb)
+    estimate = estimate or _Estimator(arch, inputs.num_input_channels, inputs.num_output_channels)
+    reference = _vram_reference(preset, dim, gpu_memory_gb)
     if inputs.patch_size is not None:
         if len(inputs.patch_size) != dim:
             raise ConfigError(f"patch_size={list(inputs.patch_size)} has {len(inputs.patch_size)} values but the "
@@ -265,10 +281,49 @@ def plan_configuration(inputs: _ConfigurationInputs, arch: Architecture, gpu_mem
         normalization_schemes=schemes,
         use_mask_for_norm=masks,
         network=topology,
-        batch_dice=dim == 2,  # nnU-Net: batch dice for 2d; 3d_fullres only when a lowres stage exists
+        batch_dice=batch_dice,
         vram_estimate=vram,
         vram_reference=float(reference),
     )
+
+
+# -- 3d_lowres: whether nnU-Net would have one ----------------------------------------------------------
+def lowres_stage_inputs(fullres: ConfigurationInputs, fullres_patch: tuple[int, ...], arch: Architecture,
+                        gpu_memory_gb: float, num_cases: int,
+                        estimate: _Estimator | None = None) -> ConfigurationInputs | None:
+    """nnU-Net's 3d_lowres search, step for step: coarsen the spacing (the fine axes first while some axis is
+    over 2x finer than the coarsest, then all) until the patch the planner finds at that spacing covers 25 %
+    of the median image; drop the stage if that image is not at least 2x smaller than the fullres one.
+
+    Returns the inputs nnU-Net plans 3d_lowres with (its spacing, rounded median shape and dataset size), so
+    `plan_configuration` on them gives the stage; None when nnU-Net has no 3d_lowres. Only the patch sizes
+    of the candidate spacings are computed here, which is all the decision needs.
+    """
+    estimate = estimate or _Estimator(arch, fullres.num_input_channels, fullres.num_output_channels)
+    reference = _vram_reference(arch.preset, 3, gpu_memory_gb)
+    fullres_spacing = np.array(fullres.spacing, dtype=np.float64)  # a copy: the search scales it in place
+    spacing = fullres_spacing.copy()
+    median_voxels = float(np.prod(fullres.median_shape, dtype=np.float64))
+    patch_voxels = float(np.prod(fullres_patch, dtype=np.float64))
+    lowres: ConfigurationInputs | None = None
+    while patch_voxels / median_voxels < LOWRES_CREATION_THRESHOLD:
+        finer = max(spacing) / spacing > 2
+        if np.any(finer):
+            spacing[finer] *= LOWRES_SPACING_INCREASE
+        else:
+            spacing *= LOWRES_SPACING_INCREASE
+        # nnU-Net keeps the unrounded voxel count for its decisions and plans with the rounded shape.
+        median = fullres_spacing / spacing * fullres.median_shape
+        median_voxels = float(np.prod(median, dtype=np.float64))
+        lowres = replace(fullres, name="3d_lowres", spacing=spacing.copy(),
+                         median_shape=np.array([round(float(m)) for m in median], dtype=np.float64),
+                         approximate_n_voxels_dataset=median_voxels * num_cases, patch_size=None, batch_size=None)
+        patch, _ = _shrink_to_fit(lowres, arch, estimate, reference,
+                                  list(initial_patch_size(lowres.spacing, lowres.median_shape)))
+        patch_voxels = float(np.prod(patch, dtype=np.int64))
+    if float(np.prod(fullres.median_shape, dtype=np.float64)) / median_voxels < LOWRES_MIN_SHRINK:
+        return None  # also when no search ran: the fullres patch already covers enough of the image
+    return lowres
 
 
 # -- the whole plan ---------------------------------------------------------------------------------------
@@ -299,6 +354,17 @@ def _target_spacing(default: np.ndarray, settings: PlannerSettings, forward: tup
     return target
 
 
+def _plan_fullres(inputs: ConfigurationInputs, arch: Architecture, gpu_memory_gb: float,
+                  fingerprint: Fingerprint) -> ConfigurationPlan:
+    """3d_fullres, with batch dice exactly when nnU-Net would also plan a 3d_lowres stage: the images are
+    then large against the patch, and nnU-Net (plan_experiment) switches 3d_fullres to batch dice. The
+    lowres search starts from the patch actually planned, a user's patch_size override included."""
+    estimate = _Estimator(arch, inputs.num_input_channels, inputs.num_output_channels)
+    plan = plan_configuration(inputs, arch, gpu_memory_gb, fingerprint, batch_dice=False, estimate=estimate)
+    lowres = lowres_stage_inputs(inputs, plan.patch_size, arch, gpu_memory_gb, fingerprint.num_cases, estimate)
+    return replace(plan, batch_dice=lowres is not None)
+
+
 def make_plans(fingerprint: Fingerprint, settings: PlannerSettings) -> Plans:
     """nnU-Net's default experiment planning for 3d_fullres and 2d, with the user's overrides applied to
     `settings.configuration`."""
@@ -317,18 +383,19 @@ def make_plans(fingerprint: Fingerprint, settings: PlannerSettings) -> Plans:
     target_t = target[list(forward)]
     n_voxels = float(np.prod(median_t, dtype=np.float64) * fingerprint.num_cases)
 
-    def inputs(name: str, dims: slice) -> _ConfigurationInputs:
+    def inputs(name: str, dims: slice) -> ConfigurationInputs:
         chosen = name == settings.configuration
-        return _ConfigurationInputs(
+        return ConfigurationInputs(
             name=name, spacing=target_t[dims], median_shape=median_t[dims], approximate_n_voxels_dataset=n_voxels,
             num_input_channels=len(fingerprint.channel_names), num_output_channels=len(foreground) + 1,
             patch_size=settings.patch_size if chosen else None, batch_size=settings.batch_size if chosen else None)
 
     configurations: dict[str, ConfigurationPlan] = {}
     if median_t[0] != 1:
-        configurations["3d_fullres"] = plan_configuration(inputs("3d_fullres", slice(0, 3)), arch,
-                                                          settings.gpu_memory_gb, fingerprint)
-    configurations["2d"] = plan_configuration(inputs("2d", slice(1, 3)), arch, settings.gpu_memory_gb, fingerprint)
+        configurations["3d_fullres"] = _plan_fullres(inputs("3d_fullres", slice(0, 3)), arch, settings.gpu_memory_gb,
+                                                     fingerprint)
+    configurations["2d"] = plan_configuration(inputs("2d", slice(1, 3)), arch, settings.gpu_memory_gb, fingerprint,
+                                              batch_dice=True)
     if settings.configuration not in configurations:
         raise ConfigError(f"configuration {settings.configuration} cannot be planned for this dataset "
                           f"(median shape {median_t.tolist()} is 2D)", fix="use model=plain_conv_unet_2d")

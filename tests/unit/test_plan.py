@@ -8,12 +8,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.parity import configuration_differences, fingerprint_from_reference, load_json
+from tests.parity import configuration_differences, fingerprint_from_files, fingerprint_from_reference, load_json
 from viseg.errors import ConfigError
-from viseg.plan import PlannerSettings, get_pool_and_conv_props, make_plans
+from viseg.networks import get_architecture
+from viseg.plan import (
+    ConfigurationInputs,
+    PlannerSettings,
+    get_pool_and_conv_props,
+    lowres_stage_inputs,
+    make_plans,
+    plan_configuration,
+)
 from viseg.plans import Plans
 
 REFERENCES = ["acdc", "synth_aniso", "synth_iso"]
+# nnU-Net's plans for synthetic fingerprints of large images (bench/make_lowres_plan_references.py): two that
+# get a 3d_lowres stage (one isotropic, one whose search coarsens only the in-plane axes) and one whose
+# lowres search runs but ends in nnU-Net dropping the stage.
+LOWRES_DATA = Path(__file__).resolve().parents[1] / "data" / "nnunet_lowres"
+LOWRES_REFERENCES = ["ct_large", "mr_aniso_large", "ct_drop"]
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +148,62 @@ def test_planning_is_pure(shared: Path):
     before = dataclasses.asdict(fingerprint)
     assert make_plans(fingerprint, PlannerSettings()) == make_plans(fingerprint, PlannerSettings())
     assert dataclasses.asdict(fingerprint) == before
+
+
+# -- 3d_lowres: batch dice of 3d_fullres ----------------------------------------------------------------------
+def _lowres_reference(name: str) -> tuple[Plans, dict]:
+    fingerprint = fingerprint_from_files(name, LOWRES_DATA / name / "dataset_fingerprint.json",
+                                         LOWRES_DATA / name / "dataset.json")
+    return make_plans(fingerprint, PlannerSettings()), load_json(LOWRES_DATA / name / "nnUNetPlans.json")
+
+
+@pytest.fixture(scope="module")
+def lowres_plans() -> dict[str, tuple[Plans, dict]]:
+    return {name: _lowres_reference(name) for name in LOWRES_REFERENCES}
+
+
+@pytest.mark.parametrize("name", LOWRES_REFERENCES)
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_plan_matches_nnunet_on_large_images(lowres_plans, name: str, configuration: str):
+    plans, reference = lowres_plans[name]
+    assert list(plans.transpose_forward) == reference["transpose_forward"]
+    assert configuration_differences(plans.configuration(configuration),
+                                     reference["configurations"][configuration]) == {}
+
+
+def test_fullres_batch_dice_exactly_when_nnunet_has_a_lowres_stage(lowres_plans, plans_by_reference):
+    every = lowres_plans | plans_by_reference
+    has_lowres = {name: "3d_lowres" in reference["configurations"] for name, (_, reference) in every.items()}
+    # the references cover both branches of nnU-Net's rule (and a search that ends in a drop: ct_drop)
+    assert has_lowres == {"ct_large": True, "mr_aniso_large": True, "ct_drop": False,
+                          "acdc": False, "synth_aniso": False, "synth_iso": False}
+    for name, (plans, reference) in every.items():
+        assert plans.configuration("3d_fullres").batch_dice is has_lowres[name], name
+        assert reference["configurations"]["3d_fullres"]["batch_dice"] is has_lowres[name], name
+        assert plans.configuration("2d").batch_dice is True
+        assert set(plans.configurations) == {"3d_fullres", "2d"}  # the lowres stage is decided, not planned
+
+
+@pytest.mark.parametrize("name", LOWRES_REFERENCES)
+def test_lowres_search_ends_where_nnunets_does(name: str):
+    """From nnU-Net's own 3d_fullres plan, the search reaches nnU-Net's 3d_lowres spacing and median shape,
+    and planning those inputs gives nnU-Net's 3d_lowres configuration (or None where nnU-Net has none)."""
+    reference = load_json(LOWRES_DATA / name / "nnUNetPlans.json")["configurations"]
+    fullres = reference["3d_fullres"]
+    fingerprint = fingerprint_from_files(name, LOWRES_DATA / name / "dataset_fingerprint.json",
+                                         LOWRES_DATA / name / "dataset.json")
+    median = np.array(fullres["median_image_size_in_voxels"])
+    inputs = ConfigurationInputs(
+        name="3d_fullres", spacing=np.array(fullres["spacing"]), median_shape=median,
+        approximate_n_voxels_dataset=float(np.prod(median) * fingerprint.num_cases),
+        num_input_channels=len(fingerprint.channel_names), num_output_channels=len(fingerprint.labels))
+    arch = get_architecture("PlainConvUNet")
+    lowres = lowres_stage_inputs(inputs, tuple(fullres["patch_size"]), arch, 8.0, fingerprint.num_cases)
+    if "3d_lowres" not in reference:
+        assert lowres is None
+        return
+    assert lowres is not None
+    assert np.allclose(lowres.spacing, reference["3d_lowres"]["spacing"], rtol=1e-9)
+    assert list(lowres.median_shape) == reference["3d_lowres"]["median_image_size_in_voxels"]
+    plan = plan_configuration(lowres, arch, 8.0, fingerprint, batch_dice=False)
+    assert configuration_differences(plan, reference["3d_lowres"]) == {}
