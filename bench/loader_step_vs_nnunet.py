@@ -190,6 +190,7 @@ from pathlib import Path
 from viseg.config import AugmentationConfig
 from viseg.data.augment import BatchAugmenter, augmentation_input_size, is_anisotropic
 from viseg.data.loader import PatchSampler
+from viseg.labels import LabelEncoding
 from viseg.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_scales
 from viseg.model import build_model
 from viseg.plans import Plans
@@ -201,8 +202,8 @@ aug_cfg = AugmentationConfig()
 anisotropic = is_anisotropic(patch, plan.spacing)
 input_size = augmentation_input_size(patch, aug_cfg, anisotropic)
 sampler = PatchSampler(Path(cfg["folder"]), cfg["cases"], input_size, plan.batch_size, plans.foreground_labels,
-                       0.33, 3, network_patch_size=patch)
-augment = BatchAugmenter(patch, aug_cfg, anisotropic, plans.num_classes)
+                       0.33, 3, network_patch_size=patch, ignore_label=plans.ignore_label)
+augment = BatchAugmenter(patch, aug_cfg, anisotropic, LabelEncoding.from_plans(plans), plan.use_mask_for_norm)
 rng = np.random.default_rng(cfg["seed"])
 generator = torch.Generator().manual_seed(cfg["seed"])
 batches, split = [], {"sample_s": 0.0, "augment_s": 0.0}

@@ -3,7 +3,9 @@
 Cases pair by file name. Everything that can be checked from file names and headers (missing cases,
 shape and spacing mismatches) is checked for all cases before any voxel is read, and reported at once;
 the metrics (viseg.metrics) are then computed per case in worker processes. The result is summary.json in
-nnU-Net's layout (metric_per_case, mean, foreground_mean) so existing nnU-Net tooling can read it.
+nnU-Net's layout (metric_per_case, mean, foreground_mean) so existing nnU-Net tooling can read it. A
+dataset.json `ignore` label (sparse annotation) is not scored, and its voxels count for no other label
+either, as in nnU-Net.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from omegaconf import MISSING
 
 from viseg.errors import ConfigError, DatasetError
+from viseg.labels import IGNORE, ignore_label
 from viseg.metrics import Region, label_map_metrics, mean_metrics, region_key
 
 CONFIG_NAME = "evaluate"  # conf/evaluate.yaml; not *_config.yaml, which names the training configs
@@ -29,6 +32,7 @@ class EvaluateConfig:
     pred: str = MISSING  # folder of predicted label maps
     ref: str = MISSING  # folder of reference label maps with the same file names
     labels: list[int] | None = None  # None: dataset.json beside ref, else the values found in the references
+    ignore_label: int | None = None  # None: dataset.json's "ignore" beside ref, if any; voxels left unscored
     output: str | None = None  # None: <pred>/summary.json
     file_ending: str = ".nii.gz"
     num_processes: int | None = None  # None: all cores
@@ -39,6 +43,9 @@ class EvaluateConfig:
             if not labels or any(v <= 0 for v in labels) or len(set(labels)) != len(labels):
                 raise ConfigError(f"labels={labels} must be distinct positive label values",
                                   fix="list the label values to evaluate, e.g. labels=[1,2,3], or leave it unset")
+        if self.ignore_label is not None and self.ignore_label <= 0:
+            raise ConfigError(f"ignore_label={self.ignore_label} must be a positive label value",
+                              fix="give the value of the unannotated voxels, or leave it unset")
         if not self.file_ending:
             raise ConfigError("file_ending is empty", fix="set the files' ending, e.g. file_ending=.nii.gz")
         if self.num_processes is not None and self.num_processes < 1:
@@ -55,6 +62,7 @@ class CasePair:
     ref: Path
     spacing: tuple[float, ...]  # (z, y, x) in mm, from the reference header
     regions: tuple[Region, ...]
+    ignore_label: int | None = None  # reference voxels of this value are not scored
 
 
 def register_evaluate_config() -> None:
@@ -136,19 +144,25 @@ def _rounded(values: Sequence[float]) -> tuple[float, ...]:
 # --- labels ----------------------------------------------------------------------------------------------
 
 
-def labels_from_dataset_json(path: Path) -> list[Region] | None:
-    """Foreground labels (and regions, nnU-Net's list values) of a dataset.json; None if it names none.
-    The 'ignore' label is not a class to score."""
+def _dataset_json_labels(path: Path) -> dict[str, Any]:
     from viseg.jsonio import read_json
 
     try:
         labels = read_json(path).get("labels", {})
+        if not isinstance(labels, dict):
+            raise ValueError(f"'labels' is {labels!r}, not an object")
     except (OSError, ValueError, AttributeError) as exc:
         raise DatasetError(f"cannot read the labels of {path}: {exc}",
                            fix="repair dataset.json, or pass labels=[...] explicitly") from exc
+    return labels
+
+
+def labels_from_dataset_json(path: Path) -> list[Region] | None:
+    """Foreground labels (and regions, nnU-Net's list values) of a dataset.json; None if it names none.
+    The 'ignore' label is not a class to score."""
     regions: list[Region] = []
-    for name, value in labels.items():
-        if name == "ignore":
+    for name, value in _dataset_json_labels(path).items():
+        if name == IGNORE:
             continue
         values = [int(v) for v in value] if isinstance(value, list) else [int(value)]
         if all(v > 0 for v in values):
@@ -162,12 +176,28 @@ def _unique_labels(path: Path) -> list[int]:
     return [int(v) for v in np.unique(read_voxels(path))]
 
 
-def resolve_labels(cfg: EvaluateConfig, ref_dir: Path, ref_files: Sequence[Path]) -> list[Region]:
-    """The configured labels, else dataset.json's (nnU-Net layout: labelsTr beside dataset.json), else
-    every value > 0 present in any reference file (a label the references never contain is not evaluated)."""
+def _dataset_json_beside(ref_dir: Path) -> Path:
+    return ref_dir.resolve().parent / "dataset.json"  # nnU-Net layout: labelsTr beside dataset.json
+
+
+def resolve_ignore_label(cfg: EvaluateConfig, ref_dir: Path) -> int | None:
+    """The configured ignore label, else dataset.json's `ignore` (beside ref), else none."""
+    if cfg.ignore_label is not None:
+        return int(cfg.ignore_label)
+    dataset_json = _dataset_json_beside(ref_dir)
+    return ignore_label(_dataset_json_labels(dataset_json)) if dataset_json.is_file() else None
+
+
+def resolve_labels(cfg: EvaluateConfig, ref_dir: Path, ref_files: Sequence[Path],
+                   ignore: int | None = None) -> list[Region]:
+    """The configured labels, else dataset.json's, else every value > 0 present in any reference file (a
+    label the references never contain is not evaluated). The ignore label is never one of them."""
     if cfg.labels is not None:
+        if ignore is not None and ignore in cfg.labels:
+            raise ConfigError(f"labels={list(cfg.labels)} lists {ignore}, the ignore label: its voxels are "
+                              "unannotated and not scored", fix=f"remove {ignore} from labels=")
         return [int(v) for v in cfg.labels]
-    dataset_json = ref_dir.resolve().parent / "dataset.json"
+    dataset_json = _dataset_json_beside(ref_dir)
     if dataset_json.is_file():
         from_json = labels_from_dataset_json(dataset_json)
         if from_json:
@@ -175,7 +205,7 @@ def resolve_labels(cfg: EvaluateConfig, ref_dir: Path, ref_files: Sequence[Path]
     from viseg.parallel import parallel_map
 
     present = parallel_map(_unique_labels, ref_files, cfg.num_processes, desc="reading reference labels")
-    found = sorted({v for values in present for v in values if v > 0})
+    found = sorted({v for values in present for v in values if v > 0 and v != ignore})
     if not found:
         raise DatasetError(f"the reference files in {ref_dir} contain no label > 0",
                            fix="check ref=, or pass the labels to evaluate, e.g. labels=[1]")
@@ -189,7 +219,8 @@ def evaluate_case(pair: CasePair) -> dict[str, Any]:
     """One metric_per_case entry (runs in a worker process)."""
     from viseg.data.io import read_voxels
 
-    metrics = label_map_metrics(read_voxels(pair.pred), read_voxels(pair.ref), pair.spacing, pair.regions)
+    metrics = label_map_metrics(read_voxels(pair.pred), read_voxels(pair.ref), pair.spacing, pair.regions,
+                                pair.ignore_label)
     return {"case": pair.case_id, "prediction_file": str(pair.pred), "reference_file": str(pair.ref),
             "metrics": metrics}
 
@@ -211,8 +242,9 @@ def evaluate_folders(cfg: EvaluateConfig, progress: bool = True) -> tuple[dict[s
     pred, ref = list_cases(pred_dir, cfg.file_ending), list_cases(ref_dir, cfg.file_ending)
     case_ids = pair_cases(pred, ref, pred_dir, ref_dir, cfg.file_ending)
     spacings = check_grids(case_ids, pred, ref)
-    regions = tuple(resolve_labels(cfg, ref_dir, [ref[c] for c in case_ids]))
-    pairs = [CasePair(c, pred[c], ref[c], s, regions) for c, s in zip(case_ids, spacings)]
+    ignore = resolve_ignore_label(cfg, ref_dir)
+    regions = tuple(resolve_labels(cfg, ref_dir, [ref[c] for c in case_ids], ignore))
+    pairs = [CasePair(c, pred[c], ref[c], s, regions, ignore) for c, s in zip(case_ids, spacings)]
     per_case = parallel_map(evaluate_case, pairs, cfg.num_processes, desc="evaluating", progress=progress)
     summary = summarize(regions, per_case)
     output = Path(cfg.output) if cfg.output else pred_dir / "summary.json"

@@ -2,7 +2,8 @@
 
 Deep supervision weights halve per resolution level and the coarsest output gets weight 0, exactly as
 nnU-Net does; targets for the coarse outputs are downsampled with nearest neighbour so that they stay valid
-label maps.
+label maps. With an `ignore_index` (dataset.json's ignore label, see viseg.labels) those voxels are left out
+of both terms, as nnU-Net's DC_and_CE_loss does: cross-entropy skips them and Dice masks them.
 """
 
 from __future__ import annotations
@@ -29,16 +30,19 @@ def deep_supervision_weights(n_outputs: int) -> list[float]:
 
 
 class SoftDiceLoss(nn.Module):
-    """Soft Dice over foreground classes; `batch_dice` pools the batch into one volume (nnU-Net for 2d)."""
+    """Soft Dice over foreground classes; `batch_dice` pools the batch into one volume (nnU-Net for 2d).
+    `mask` (B, 1, ...) keeps the voxels that count (nnU-Net's loss_mask): the others add to no sum."""
 
     def __init__(self, batch_dice: bool, smooth: float = 1e-5):
         super().__init__()
         self.batch_dice = batch_dice
         self.smooth = smooth
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         probs = torch.softmax(logits.float(), dim=1)[:, 1:]
         onehot = F.one_hot(target[:, 0].long(), logits.shape[1]).movedim(-1, 1)[:, 1:].to(probs.dtype)
+        if mask is not None:
+            probs, onehot = probs * mask, onehot * mask
         axes = tuple(range(2, probs.ndim))
         if self.batch_dice:
             axes = (0, *axes)
@@ -49,17 +53,32 @@ class SoftDiceLoss(nn.Module):
 
 
 class DiceCELoss(nn.Module):
+    """Soft Dice + cross-entropy; voxels labelled `ignore_index` count in neither."""
+
     def __init__(self, batch_dice: bool, dice_weight: float = 1.0, ce_weight: float = 1.0,
-                 class_weights: Sequence[float] | None = None):
+                 class_weights: Sequence[float] | None = None, ignore_index: int | None = None):
         super().__init__()
         self.dice = SoftDiceLoss(batch_dice)
         self.dice_weight, self.ce_weight = dice_weight, ce_weight
+        self.ignore_index = ignore_index
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weights", weight, persistent=False)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        ce = F.cross_entropy(logits.float(), target[:, 0].long(), weight=self.class_weights)
-        return self.dice_weight * self.dice(logits, target) + self.ce_weight * ce
+        target = target.long()
+        if self.ignore_index is None:
+            dice = self.dice(logits, target)
+            ce = F.cross_entropy(logits.float(), target[:, 0], weight=self.class_weights)
+            return self.dice_weight * dice + self.ce_weight * ce
+        keep = target != self.ignore_index
+        # ignored voxels take any valid class for the one-hot: the mask removes them from every Dice sum
+        dice = self.dice(logits, torch.where(keep, target, 0), keep)
+        if keep.any():
+            ce = F.cross_entropy(logits.float(), target[:, 0], weight=self.class_weights,
+                                 ignore_index=self.ignore_index)
+        else:  # a patch without annotation: cross-entropy's mean over no voxel is NaN, nnU-Net's is 0
+            ce = logits.float().sum() * 0.0
+        return self.dice_weight * dice + self.ce_weight * ce
 
 
 class DeepSupervisionLoss(nn.Module):

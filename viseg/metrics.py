@@ -23,6 +23,8 @@ Empty masks follow nnU-Net, which is what the numbers are compared against:
 * one empty: Dice and IoU are 0 (every voxel is an error); the distances are None, since a distance to
   an empty surface is undefined (some tools substitute the image diagonal; that number depends on the
   field of view and is not reported here). Dice = 0 already penalises the case in the means.
+
+Voxels of the reference's ignore label (sparse annotation) are scored for no label: `label_map_metrics`.
 """
 
 from __future__ import annotations
@@ -121,9 +123,19 @@ def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) 
 
 
 def label_map_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
-                      regions: Iterable[Region]) -> dict[str, Metrics]:
-    """Metrics of each label (or region) of two label maps, keyed by `region_key`."""
-    return {region_key(r): binary_metrics(region_mask(pred, r), region_mask(ref, r), spacing) for r in regions}
+                      regions: Iterable[Region], ignore_label: int | None = None) -> dict[str, Metrics]:
+    """Metrics of each label (or region) of two label maps, keyed by `region_key`.
+
+    Voxels where the reference holds `ignore_label` (dataset.json's `ignore`: nobody annotated them) leave
+    both masks, as nnU-Net's ignore_mask removes them from TP, FP and FN: a prediction there is neither
+    right nor wrong. Volumes and surfaces are then those of the annotated part."""
+    counted = None if ignore_label is None else ref != ignore_label
+
+    def masks(region: Region) -> tuple[np.ndarray, np.ndarray]:
+        pred_mask, ref_mask = region_mask(pred, region), region_mask(ref, region)
+        return (pred_mask, ref_mask) if counted is None else (pred_mask & counted, ref_mask & counted)
+
+    return {region_key(r): binary_metrics(*masks(r), spacing) for r in regions}
 
 
 def mean_ignoring_none(values: Iterable[float | int | None]) -> float | None:

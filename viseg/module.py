@@ -3,7 +3,8 @@
 Augmentation runs in `on_after_batch_transfer`, i.e. batched on the training device (the GPU when there is
 one) instead of in CPU loader workers. Validation uses nnU-Net's pseudo-Dice: true/false positives and
 false negatives summed over the epoch's validation patches, smoothed across epochs with an exponential
-moving average (0.9) that selects the best checkpoint.
+moving average (0.9) that selects the best checkpoint. Voxels of the ignore label (`ignore_index`) count
+in no class, as in nnU-Net's validation_step.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ class SegmentationModule(L.LightningModule):
     def __init__(self, network: nn.Module, loss: nn.Module, num_classes: int, optimizer: OptimizerConfig,
                  lr_scheduler: LRSchedulerConfig, max_epochs: int,
                  train_transform: Callable[[Tensor, Tensor], Batch] | None = None,
-                 val_transform: Callable[[Tensor, Tensor], Batch] | None = None):
+                 val_transform: Callable[[Tensor, Tensor], Batch] | None = None,
+                 ignore_index: int | None = None):
         super().__init__()
         self.network = network
         self.loss = loss
-        self.num_classes = num_classes
+        self.num_classes, self.ignore_index = num_classes, ignore_index
         self.optimizer_cfg, self.scheduler_cfg, self.max_epochs = optimizer, lr_scheduler, max_epochs
         self.train_transform, self.val_transform = train_transform, val_transform
         self.ema_pseudo_dice: float | None = None
@@ -67,7 +69,7 @@ class SegmentationModule(L.LightningModule):
         loss = self.loss(output, seg)
         self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=data.shape[0])
         logits = output[0] if isinstance(output, list | tuple) else output
-        self._counts += confusion_counts(logits.argmax(1), seg[:, 0], self.num_classes).cpu()
+        self._counts += confusion_counts(logits.argmax(1), seg[:, 0], self.num_classes, self.ignore_index).cpu()
         return loss
 
     def on_validation_epoch_end(self) -> None:
@@ -104,10 +106,15 @@ class SegmentationModule(L.LightningModule):
         self.ema_pseudo_dice = checkpoint.get("ema_pseudo_dice")
 
 
-def confusion_counts(prediction: Tensor, target: Tensor, num_classes: int) -> Tensor:
-    """(3, K-1): true positives, false positives, false negatives per foreground class."""
+def confusion_counts(prediction: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = None
+                     ) -> Tensor:
+    """(3, K-1): true positives, false positives, false negatives per foreground class, over the voxels whose
+    target is not `ignore_index` (a prediction there is neither right nor wrong)."""
+    counted = None if ignore_index is None else target != ignore_index
     counts = []
     for k in range(1, num_classes):
         pred, true = prediction == k, target == k
+        if counted is not None:
+            pred &= counted
         counts.append(torch.stack([(pred & true).sum(), (pred & ~true).sum(), (~pred & true).sum()]))
     return torch.stack(counts, dim=1).double()

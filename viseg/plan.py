@@ -17,6 +17,7 @@ import numpy as np
 
 from viseg.errors import ConfigError
 from viseg.fingerprint import Fingerprint
+from viseg.labels import choose_foreground_labels
 from viseg.networks import Architecture, PlannerPreset, build_network, get_architecture
 from viseg.plans import ConfigurationPlan, NetworkTopology, Plans
 
@@ -328,15 +329,7 @@ def lowres_stage_inputs(fullres: ConfigurationInputs, fullres_patch: tuple[int, 
 
 # -- the whole plan ---------------------------------------------------------------------------------------
 def _foreground_labels(fingerprint: Fingerprint, settings: PlannerSettings) -> tuple[int, ...]:
-    available = sorted(v for v in fingerprint.labels.values() if v != 0)
-    if settings.foreground_labels is None:
-        return tuple(available)
-    unknown = sorted(set(settings.foreground_labels) - set(available))
-    if unknown:
-        raise ConfigError(f"foreground_labels {unknown} are not labels of dataset {fingerprint.dataset_name} "
-                          f"(its foreground labels: {fingerprint.labels})",
-                          fix=f"choose from {available}")
-    return tuple(sorted(settings.foreground_labels))
+    return choose_foreground_labels(fingerprint.labels, settings.foreground_labels, fingerprint.dataset_name)
 
 
 def _target_spacing(default: np.ndarray, settings: PlannerSettings, forward: tuple[int, ...]) -> np.ndarray:

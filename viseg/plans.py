@@ -13,6 +13,7 @@ from typing import Any
 
 from viseg.errors import ConfigError
 from viseg.jsonio import read_json, write_json_atomic
+from viseg.labels import ignore_label
 
 PLANS_SCHEMA_VERSION = 1
 
@@ -86,7 +87,13 @@ class Plans:
 
     @property
     def num_classes(self) -> int:
+        """Network outputs: background and the foreground labels; the ignore label has none."""
         return len(self.foreground_labels) + 1
+
+    @property
+    def ignore_label(self) -> int | None:
+        """dataset.json's `ignore` value (unannotated voxels), if any; see viseg.labels."""
+        return ignore_label(self.labels)
 
     def configuration(self, name: str) -> ConfigurationPlan:
         if name not in self.configurations:

@@ -36,6 +36,7 @@ from viseg.atomic import write_atomically
 from viseg.data.dataset import Case
 from viseg.fingerprint import nonzero_bbox
 from viseg.jsonio import read_json, write_json_atomic
+from viseg.labels import class_labels
 from viseg.parallel import parallel_map
 from viseg.plans import Plans
 from viseg.resampling import compute_new_shape, resample_image, resample_segmentation
@@ -287,8 +288,8 @@ def preprocess_and_save(job: CaseJob) -> str:
     label = arrays.label if arrays.label is not None else np.zeros(arrays.image.shape[1:], np.int16)
     data, seg, properties = preprocess_case(arrays.image, label, arrays.spacing, job.plans, job.configuration,
                                             case_id=job.case.case_id)
-    values = sorted(v for v in job.plans.labels.values() if v != 0)
-    locations = sample_foreground_locations(seg, values)
+    # every class a patch may be centred on; never the ignore label (nnU-Net's foreground_labels)
+    locations = sample_foreground_locations(seg, class_labels(job.plans.labels))
     names = _case_files(job.case.case_id)
     sizes = {
         names[0]: _write_atomic(job.folder / names[0], lambda f: np.save(f, data)),

@@ -89,12 +89,13 @@ def build_datamodule(cfg: BaseConfig, prepared: PreparedDataset, folder: Path, i
         batch_size=cfg.batch_size, foreground_labels=list(cfg.foreground_labels), sampling=cfg.sampling,
         loader=cfg.loader, iterations_per_epoch=cfg.trainer.iterations_per_epoch,
         val_iterations=cfg.trainer.val_iterations, conv_dim=cfg.model.model_args.conv_dim, seed=cfg.seed,
-        network_patch_size=tuple(cfg.patch_size))
+        network_patch_size=tuple(cfg.patch_size), ignore_label=prepared.plans.ignore_label)
 
 
 def build_module(cfg: BaseConfig, prepared: PreparedDataset) -> tuple[Any, tuple[int, ...]]:
     """The LightningModule and the (larger) input size the loader must sample for augmentation."""
     from viseg.data.augment import BatchAugmenter, augmentation_input_size, is_anisotropic
+    from viseg.labels import LabelEncoding
     from viseg.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_scales
     from viseg.model import build_model
     from viseg.module import SegmentationModule
@@ -104,15 +105,16 @@ def build_module(cfg: BaseConfig, prepared: PreparedDataset) -> tuple[Any, tuple
     deep = cfg.model.model_args.deep_supervision
     network = build_model(prepared.plans, prepared.configuration, deep_supervision=deep)
     n_outputs = len(deep_supervision_scales(plan.network.strides)) if deep else 1
+    labels = LabelEncoding.from_plans(prepared.plans)
     loss = DeepSupervisionLoss(DiceCELoss(plan.batch_dice, cfg.loss.dice_weight, cfg.loss.ce_weight,
-                                          cfg.loss.class_weights), n_outputs)
+                                          cfg.loss.class_weights, ignore_index=labels.ignore_index), n_outputs)
     anisotropic = is_anisotropic(patch, plan.spacing)
-    num_classes = prepared.plans.num_classes
     disabled = type(cfg.augmentation)(enabled=False)
     module = SegmentationModule(
-        network, loss, num_classes, cfg.optimizer, cfg.lr_scheduler, cfg.trainer.max_epochs,
-        train_transform=BatchAugmenter(patch, cfg.augmentation, anisotropic, num_classes),
-        val_transform=BatchAugmenter(patch, disabled, anisotropic, num_classes))
+        network, loss, labels.num_classes, cfg.optimizer, cfg.lr_scheduler, cfg.trainer.max_epochs,
+        train_transform=BatchAugmenter(patch, cfg.augmentation, anisotropic, labels, plan.use_mask_for_norm),
+        val_transform=BatchAugmenter(patch, disabled, anisotropic, labels, plan.use_mask_for_norm),
+        ignore_index=labels.ignore_index)
     return module, augmentation_input_size(patch, cfg.augmentation, anisotropic)
 
 
@@ -142,19 +144,16 @@ def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progr
         enable_progress_bar=progress, enable_model_summary=False, deterministic=False, log_every_n_steps=1)
 
 
-def remap_labels(seg: np.ndarray, foreground_labels: list[int]) -> np.ndarray:
-    """Original label values -> 0 (background, other labels, -1 outside the image) and 1..K."""
-    out = np.zeros(seg.shape, dtype=np.int64)
-    for k, value in enumerate(foreground_labels, start=1):
-        out[seg == value] = k
-    return out
-
-
-def dice_per_class(prediction: np.ndarray, target: np.ndarray, num_classes: int) -> list[float | None]:
-    """Dice per foreground class; None when both are empty (nnU-Net leaves those out of the mean)."""
+def dice_per_class(prediction: np.ndarray, target: np.ndarray, num_classes: int,
+                   ignore_index: int | None = None) -> list[float | None]:
+    """Dice per foreground class; None when both are empty (nnU-Net leaves those out of the mean). Voxels
+    whose target is `ignore_index` are not scored (nnU-Net's evaluation masks them out)."""
+    counted = None if ignore_index is None else target != ignore_index
     scores: list[float | None] = []
     for k in range(1, num_classes):
         pred, true = prediction == k, target == k
+        if counted is not None:
+            pred &= counted
         denominator = int(pred.sum() + true.sum())
         scores.append(None if denominator == 0 else 2 * int((pred & true).sum()) / denominator)
     return scores
@@ -162,7 +161,8 @@ def dice_per_class(prediction: np.ndarray, target: np.ndarray, num_classes: int)
 
 def validate_full_cases(network: Any, cfg: BaseConfig, prepared: PreparedDataset, folder: Path,
                         run_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Sliding-window prediction of every validation case of the fold, Dice per class per case.
+    """Sliding-window prediction of every validation case of the fold, Dice per class per case; voxels of
+    the ignore label are not scored.
 
     Evaluated on the preprocessed grid (after resampling to the plan's spacing); exporting to the original
     grid is the job of `python -m viseg.predict`.
@@ -171,20 +171,21 @@ def validate_full_cases(network: Any, cfg: BaseConfig, prepared: PreparedDataset
     from tqdm.auto import tqdm
 
     from viseg.inference import predict_volume
+    from viseg.labels import LabelEncoding
     from viseg.preprocess import load_case
 
     plan = prepared.plans.configuration(prepared.configuration)
-    num_classes = prepared.plans.num_classes
+    labels = LabelEncoding.from_plans(prepared.plans)
     device = next(network.parameters()).device
     network.eval()
     cases: dict[str, list[float | None]] = {}
     for case_id in tqdm(prepared.splits[cfg.fold]["val"], desc="Validating", disable=not progress):
         data, seg, _, _ = load_case(folder, case_id)
         with torch.autocast(device.type, enabled=device.type == "cuda", dtype=torch.bfloat16):
-            probabilities = predict_volume(network, np.asarray(data), plan.patch_size, num_classes, device)
+            probabilities = predict_volume(network, np.asarray(data), plan.patch_size, labels.num_classes, device)
         prediction = probabilities.argmax(0).cpu().numpy()
-        cases[case_id] = dice_per_class(prediction, remap_labels(np.asarray(seg)[0], cfg.foreground_labels),
-                                        num_classes)
+        target = labels.encode(np.asarray(seg)[0], keep_outside=False)  # outside the mask is background
+        cases[case_id] = dice_per_class(prediction, target, labels.num_classes, labels.ignore_index)
     per_class = {}
     for k, label in enumerate(cfg.foreground_labels):
         values = [scores[k] for scores in cases.values() if scores[k] is not None]

@@ -160,3 +160,43 @@ def test_hydra_multirun_trains_one_run_per_fold(demo: Path, tmp_path: Path):
     assert result.returncode == 0, result.stdout + result.stderr
     finished = sorted(p.parent.name for p in (tmp_path / "results").rglob("finished.json"))
     assert finished == ["fold_0", "fold_1"]
+
+
+def test_an_ignore_label_is_trained_around_and_never_predicted(demo: Path, tmp_path: Path):
+    """dataset.json's `ignore` (nnU-Net's sparse annotation, here value 4 on a slab of every label file):
+    no network output for it, no score for it, and no prediction ever holds it."""
+    import json
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    from viseg.config import PredictConfig
+    from viseg.predict import predict_command
+
+    sparse = tmp_path / "sparse"
+    shutil.copytree(demo, sparse)
+    raw = json.loads((sparse / "dataset.json").read_text())
+    raw["labels"]["ignore"] = 4
+    (sparse / "dataset.json").write_text(json.dumps(raw))
+    for path in sorted((sparse / "labelsTr").glob("*.nii.gz")):
+        image = nib.load(str(path))
+        label = np.asanyarray(image.dataobj).copy()
+        label[: label.shape[0] // 3] = 4  # an unannotated third of the field of view (x axis on disk)
+        nib.save(nib.Nifti1Image(label, image.affine, image.header), str(path))
+    result = train(compose_typed("anatomy_config", tiny(sparse, tmp_path, "trainer.max_epochs=1")), progress=False)
+    run = result.run_dir
+    saved = OmegaConf.load(run / "config.yaml")
+    assert saved.foreground_labels == [1, 2, 3] and saved.num_classes == 4
+    assert list(result.validation["mean_dice_per_class"]) == ["1", "2", "3"]
+    rows = read_metrics(run)
+    assert all(np.isfinite(float(rows[-1][key])) for key in ("train/loss", "val/loss"))
+    image = next((sparse / "imagesTr").glob("*_0000.nii.gz"))
+    cfg = PredictConfig(model=str(run), input=str(image), output=str(tmp_path / "predicted"), mirror=False,
+                        device="cpu", save_probabilities=True)
+    assert predict_command(cfg, progress=False) == 0
+    case = image.name.removesuffix("_0000.nii.gz")
+    predicted = np.asanyarray(nib.load(str(tmp_path / "predicted" / f"{case}.nii.gz")).dataobj)
+    assert set(np.unique(predicted).tolist()) <= {0, 1, 2, 3}
+    with np.load(tmp_path / "predicted" / f"{case}.npz") as stored:
+        assert stored["probabilities"].shape[0] == 4 and list(stored["labels"]) == [0, 1, 2, 3]

@@ -20,6 +20,7 @@ from viseg.data.augment import (
     low_resolution_matrices,
     resample,
 )
+from viseg.labels import LabelEncoding
 
 PROBABILITIES = ("p_rotation", "p_scaling", "p_gaussian_noise", "p_gaussian_blur", "p_brightness", "p_contrast",
                  "p_low_resolution", "p_gamma", "p_gamma_inverted", "p_mirror")
@@ -62,7 +63,7 @@ def analytic(coords: torch.Tensor) -> torch.Tensor:
 def augment(patch: tuple[int, ...], cfg: AugmentationConfig, data: torch.Tensor, seg: torch.Tensor, seed: int = 0,
             anisotropic: bool = False, num_classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return BatchAugmenter(patch, cfg, anisotropic, num_classes)(data, seg, generator)
+    return BatchAugmenter(patch, cfg, anisotropic, LabelEncoding.for_classes(num_classes))(data, seg, generator)
 
 
 @pytest.mark.parametrize("patch", [(24, 20), (8, 16, 16), (4, 20, 24)])
@@ -92,7 +93,7 @@ def test_an_identity_affine_resamples_exactly_the_centre_crop(patch, shape):
     """The resampling path and the cheap crop path agree, also for odd (input - patch) differences."""
     data, seg = batch(shape)
     identity = torch.eye(len(shape), dtype=torch.float64).repeat(2, 1, 1)
-    out_data, out_seg = resample(data, seg, identity, patch, num_classes=3)
+    out_data, out_seg = resample(data, seg, identity, patch, LabelEncoding.for_classes(3))
     assert torch.allclose(out_data, centre_crop(data, patch), atol=1e-5)
     assert torch.equal(out_seg, centre_crop(seg, patch))
 
@@ -113,7 +114,7 @@ def test_a_90_degree_rotation_is_rot90_of_the_centre_crop():
     patch = (4, 12, 12)
     quarter = torch.full((2, 1), math.pi / 2, dtype=torch.float64)
     affine = affine_matrices(quarter, torch.ones(2, 3, dtype=torch.float64), planes=((1, 2),))
-    out_data, out_seg = resample(data, seg, affine, patch, num_classes=3)
+    out_data, out_seg = resample(data, seg, affine, patch, LabelEncoding.for_classes(3))
     assert torch.allclose(out_data, torch.rot90(centre_crop(data, patch), -1, dims=(3, 4)), atol=1e-4)
     assert torch.equal(out_seg, torch.rot90(centre_crop(seg, patch), -1, dims=(3, 4)))
 
@@ -126,7 +127,7 @@ def test_resampling_follows_the_affine(patch, planes):
     data = analytic(grid)[None, None].float()
     angles = torch.tensor([[0.4, -0.3, 0.2][: len(planes)]], dtype=torch.float64)
     affine = affine_matrices(angles, torch.full((1, len(patch)), 1.15, dtype=torch.float64), planes)
-    out_data, _ = resample(data, torch.zeros_like(data, dtype=torch.int64), affine, patch, num_classes=2)
+    out_data, _ = resample(data, torch.zeros_like(data, dtype=torch.int64), affine, patch, LabelEncoding.for_classes(2))
     offsets = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) - (n - 1) / 2 for n in patch], indexing="ij")
     centre = torch.tensor([(s - p) // 2 + (p - 1) / 2 for s, p in zip(shape, patch)], dtype=torch.float64)
     source = torch.stack(offsets, -1) @ affine[0].T + centre
@@ -263,3 +264,55 @@ def test_a_too_small_input_is_rejected():
     data, seg = batch((6, 12, 12))
     with pytest.raises(ValueError, match="smaller than patch"):
         augment((8, 12, 12), AugmentationConfig(), data, seg)
+
+
+# --- the label encoding: ignore and outside-the-mask -------------------------------------------------------
+
+
+def test_the_ignore_label_moves_with_the_image():
+    """The ignore code is resampled as a label of its own: its voxels follow rotation, scaling and mirroring
+    exactly as a class would, instead of turning into background."""
+    patch = (16, 20, 20)
+    cfg = only("p_rotation", "p_scaling", "p_mirror", p_mirror=0.5)
+    labels = LabelEncoding.for_classes(2, ignore=True)
+    data = ellipsoid(augmentation_input_size(patch, cfg, False), size=6)
+    seg = torch.where(data > 0.5, labels.ignore_index, 0)
+    for seed in range(2):
+        generator = torch.Generator().manual_seed(seed)
+        out_data, out_seg = BatchAugmenter(patch, cfg, False, labels)(data, seg, generator)
+        assert set(out_seg.unique().tolist()) == {0, labels.ignore_index}
+        assert (out_seg == labels.ignore_index).eq(out_data > 0.5).float().mean().item() >= 0.99
+
+
+def test_masked_channels_are_zero_outside_the_mask_after_augmentation():
+    """nnU-Net's MaskImageTransform after mirroring: where the (augmented) seg says OUTSIDE, a channel
+    normalised within the mask is exactly 0 again, as inference sees it, and the seg is background; the
+    unmasked channel and every voxel inside the mask are exactly what augmentation made of them."""
+    patch = (8, 16, 16)
+    cfg = only(*PROBABILITIES, p_mirror=0.5)
+    shape = augmentation_input_size(patch, cfg, False)
+    data, _ = batch(shape, channels=2, size=4)
+    seg = torch.full((4, 1, *shape), LabelEncoding.OUTSIDE)
+    seg[:, :, 3:-3, 5:-5, 4:-6] = 1  # the nonzero mask holds class 1 only, so background marks outside
+    labels = LabelEncoding.for_classes(2)
+    masked, plain = (BatchAugmenter(patch, cfg, False, labels, flags)(data, seg, torch.Generator().manual_seed(3))
+                     for flags in ((True, False), ()))
+    (out_data, out_seg), (free_data, free_seg) = masked, plain
+    assert torch.equal(out_seg, free_seg) and set(out_seg.unique().tolist()) == {0, 1}
+    outside = (out_seg == 0).expand(-1, 2, *patch).clone()
+    outside[:, 1] = False
+    assert outside.any() and (~outside[:, 0]).any()
+    assert (out_data[outside] == 0).all()
+    assert (free_data[outside] != 0).any()  # noise and intensity transforms did reach those voxels
+    assert torch.equal(out_data[~outside], free_data[~outside])
+
+
+def test_validation_crops_and_relabels_outside_without_masking():
+    """nnU-Net's validation transforms only turn -1 into background: the data is already 0 there."""
+    data, seg = batch((10, 12, 12))
+    seg[:, :, :3] = LabelEncoding.OUTSIDE
+    out_data, out_seg = BatchAugmenter((8, 10, 10), AugmentationConfig(enabled=False), False,
+                                       LabelEncoding.for_classes(3), (True, True))(data, seg)
+    crop = centre_crop(seg, (8, 10, 10))
+    assert torch.equal(out_data, centre_crop(data, (8, 10, 10)))
+    assert torch.equal(out_seg, crop.clamp(min=0)) and (crop == LabelEncoding.OUTSIDE).any()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from viseg.errors import DatasetError
+from viseg.errors import ConfigError, DatasetError
 from viseg.evaluate import EvaluateConfig, evaluate_folders, labels_from_dataset_json, summarize
 from viseg.metrics import binary_metrics, label_map_metrics, region_key
 
@@ -224,6 +224,40 @@ def test_labels_come_from_dataset_json_beside_ref(tmp_path: Path) -> None:
     summary, _ = evaluate_folders(EvaluateConfig(pred=str(pred), ref=str(ref), num_processes=1), progress=False)
     assert summary["labels"] == [1, 2, 3]
     assert summary["mean"]["3"]["Dice"] is None  # in no case: nothing to score, not a perfect score
+
+
+def test_ignored_voxels_are_scored_for_no_label() -> None:
+    """nnU-Net's ignore_mask: where the reference says 'ignore', a prediction is neither right nor wrong."""
+    ref = np.zeros((4, 6, 6), dtype=np.uint8)
+    ref[1:3, 1:3, 1:3] = 1
+    ref[:, :, 4:] = 3  # unannotated
+    pred = ref.copy()
+    pred[:, :, 4:] = 1  # label 1 predicted all over the unannotated part
+    pred[0, 0, 5] = 2
+    unmasked = label_map_metrics(pred, ref, (1.0, 1.0, 1.0), [1, 2])
+    metrics = label_map_metrics(pred, ref, (1.0, 1.0, 1.0), [1, 2], ignore_label=3)
+    assert unmasked["1"]["FP"] > 0
+    assert metrics["1"]["Dice"] == 1.0 and metrics["1"]["FP"] == 0 and metrics["1"]["HD95_mm"] == 0.0
+    assert metrics["2"]["Dice"] is None and metrics["2"]["n_pred"] == 0
+
+
+def test_the_ignore_label_of_dataset_json_is_not_scored(tmp_path: Path) -> None:
+    pred, ref = two_cases(tmp_path)
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2, "ignore": 3}}))
+    reference = np.zeros((6, 8, 8), dtype=np.uint8)
+    reference[2:4, 2:4, 2:4] = 1
+    reference[5] = 3
+    prediction = reference.copy()
+    prediction[5] = 2  # predictions on the unannotated slice count for nothing
+    save_label(reference, ref / "case_b.nii.gz")
+    save_label(prediction, pred / "case_b.nii.gz")
+    summary, _ = evaluate_folders(EvaluateConfig(pred=str(pred), ref=str(ref), num_processes=1), progress=False)
+    assert summary["labels"] == [1, 2]
+    case_b = summary["metric_per_case"][1]["metrics"]
+    assert case_b["1"]["Dice"] == 1.0 and case_b["2"]["Dice"] is None and case_b["2"]["FP"] == 0
+    with pytest.raises(ConfigError, match="ignore label"):
+        evaluate_folders(EvaluateConfig(pred=str(pred), ref=str(ref), labels=[1, 3], num_processes=1),
+                         progress=False)
 
 
 # --- real data -------------------------------------------------------------------------------------------

@@ -18,6 +18,9 @@ from torch.utils.data import DataLoader
 from viseg.config import LoaderConfig, SamplingConfig
 from viseg.data.loader import PatchSampler, SegmentationDataModule, TrainingBatches
 from viseg.errors import DatasetError
+from viseg.labels import LabelEncoding
+
+OUTSIDE = LabelEncoding.OUTSIDE
 
 SHAPE = (12, 24, 24)
 
@@ -66,11 +69,11 @@ def sampler(folder: Path, patch=(8, 12, 12), batch_size=2, fg=(1, 2, 3), oversam
 
 
 def origin_labels(folder: Path, case_id: str, patch: np.ndarray) -> np.ndarray:
-    """The original label under every voxel of a coordinate patch (C, ...); 0 where padded."""
+    """The original label under every voxel of a coordinate patch (C, ...); -1 where padded."""
     seg = np.load(folder / f"{case_id}_seg.npy")[0]
     index = patch[:3].astype(np.int64) - 1
     inside = (index >= 0).all(axis=0)
-    out = np.zeros(patch.shape[1:], dtype=np.int64)
+    out = np.full(patch.shape[1:], -1, dtype=np.int64)
     out[inside] = seg[tuple(index[:, inside])]
     return out
 
@@ -89,7 +92,7 @@ def test_2d_patches_are_single_slices(folder):
         assert len(np.unique(patch[0])) == 1  # one z for the whole patch
 
 
-def test_patch_larger_than_the_image_is_padded_with_zeros(tmp_path):
+def test_patch_larger_than_the_image_is_padded_with_zeros_and_outside(tmp_path):
     shape = (4, 6, 6)
     seg = np.zeros(shape, dtype=np.int16)
     seg[1:3, 2:4, 2:4] = 3
@@ -100,7 +103,9 @@ def test_patch_larger_than_the_image_is_padded_with_zeros(tmp_path):
         # padding (8-4, 10-6, 10-6) is split evenly: the image sits in the middle of the patch
         np.testing.assert_array_equal(data[sample, :, 2:6, 2:8, 2:8], coordinates(shape))
         assert data[sample].sum() == coordinates(shape).sum()
-        assert out[sample].sum() == (seg == 3).sum() and out[sample, 0, 3:5, 4:6, 4:6].all()
+        assert (out[sample] == 1).sum() == (seg == 3).sum() and (out[sample, 0, 3:5, 4:6, 4:6] == 1).all()
+        # the seg is padded like nnU-Net's (-1): augmentation zeroes masked channels there, then makes it 0
+        assert (out[sample, 0, 2:6, 2:8, 2:8] >= 0).all() and (out[sample] == OUTSIDE).sum() == 8 * 10 * 10 - 4 * 6 * 6
 
 
 def test_random_patches_reach_past_the_border_by_half_the_crop_margin(folder):
@@ -121,7 +126,7 @@ def test_random_patches_reach_past_the_border_by_half_the_crop_margin(folder):
 def test_oversampling_forces_foreground(folder, percent):
     patches = sampler(folder, fg=[3], oversample=percent)
     rng = np.random.default_rng(1)
-    hits = [bool(seg.any()) for _ in range(150) for seg in patches.sample_batch(rng)[1]]
+    hits = [bool((seg > 0).any()) for _ in range(150) for seg in patches.sample_batch(rng)[1]]
     if percent == 1.0:
         assert all(hits)
     else:  # a random 8x12x12 patch covers the 2x2x2 label in roughly a fifth of the draws
@@ -132,14 +137,14 @@ def test_the_last_samples_of_a_batch_are_the_forced_ones(folder):
     patches = sampler(folder, fg=[3], batch_size=2, oversample=0.33)  # round(2 * 0.67) = 1: sample 1 forced
     rng = np.random.default_rng(2)
     batches = [patches.sample_batch(rng)[1] for _ in range(100)]
-    assert all(seg[1].any() for seg in batches)
-    assert np.mean([seg[0].any() for seg in batches]) < 0.5
+    assert all((seg[1] > 0).any() for seg in batches)
+    assert np.mean([(seg[0] > 0).any() for seg in batches]) < 0.5
 
 
 def test_forced_sampling_falls_back_to_random_patches_without_foreground(tmp_path):
     write_case(tmp_path, "empty", coordinates(SHAPE), np.zeros(SHAPE, dtype=np.int16))
     data, seg = sampler(tmp_path, fg=[3], oversample=1.0, case_ids=["empty"]).sample_batch(np.random.default_rng(0))
-    assert (data[:, 0] > 0).all() and not seg.any()
+    assert (data[:, 0] > 0).all() and not (seg > 0).any()
 
 
 @pytest.mark.parametrize("fg", [[3], [3, 1]])
@@ -151,12 +156,13 @@ def test_labels_are_remapped_in_the_given_order(folder, fg):
         data, seg = patches.sample_batch(rng)
         for sample, target in zip(data, seg):
             original = origin_labels(folder, "case_0", sample)
-            expected = np.zeros_like(original)  # other labels, -1 and padding stay 0
+            expected = np.zeros_like(original)  # other labels become 0; -1 and padding stay OUTSIDE
+            expected[original == -1] = OUTSIDE
             for k, value in enumerate(fg, start=1):
                 expected[original == value] = k
             np.testing.assert_array_equal(target[0], expected)
             seen |= set(np.unique(target).tolist())
-    assert seen == set(range(len(fg) + 1))
+    assert seen == {OUTSIDE, *range(len(fg) + 1)}
 
 
 def test_same_seed_same_batches_and_epochs_differ(folder):
@@ -283,3 +289,23 @@ def test_mismatched_arrays_are_reported_by_case(folder):
     np.save(folder / "case_1_seg.npy", np.zeros((1, 3, 3, 3), dtype=np.int16))
     with pytest.raises(DatasetError, match="case_1"):
         sampler(folder, case_ids=["case_1"]).sample_batch(np.random.default_rng(0))
+
+
+def test_the_ignore_label_gets_the_code_after_the_classes(tmp_path):
+    """dataset.json's ignore label (here 4) becomes K + 1, a code no class has, so the loss can skip it;
+    labels not predicted become background and -1 stays OUTSIDE for augmentation."""
+    seg = labels(SHAPE, np.random.default_rng(0))
+    seg[: SHAPE[0] // 2, 10:] = 4
+    write_case(tmp_path, "case_0", coordinates(SHAPE), seg)
+    patches = sampler(tmp_path, fg=[3, 1], oversample=0.5, batch_size=4, case_ids=["case_0"], ignore_label=4)
+    assert patches.labels.ignore_index == 3
+    lookup = {-1: OUTSIDE, 0: 0, 1: 2, 2: 0, 3: 1, 4: 3}
+    seen: set[int] = set()
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        data, out = patches.sample_batch(rng)
+        for sample, target in zip(data, out):
+            original = origin_labels(tmp_path, "case_0", sample)
+            np.testing.assert_array_equal(target[0], np.vectorize(lookup.get)(original))
+            seen |= set(np.unique(target).tolist())
+    assert seen == {OUTSIDE, 0, 1, 2, 3}

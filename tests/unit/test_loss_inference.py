@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from viseg.inference import gaussian_importance, predict_volume, sliding_window_logits, window_starts
+from viseg.labels import LabelEncoding
 from viseg.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_scales, deep_supervision_weights
 from viseg.module import confusion_counts
-from viseg.train import dice_per_class, remap_labels
+from viseg.train import dice_per_class
 
 
 def test_deep_supervision_weights_match_nnunet():
@@ -104,6 +105,60 @@ def test_confusion_counts_and_dice():
     assert dice_per_class(np.zeros(4), np.zeros(4), 2) == [None]
 
 
-def test_remap_labels_keeps_only_foreground_labels():
+def test_the_encoding_keeps_only_foreground_labels():
     seg = np.array([-1, 0, 1, 2, 3])
-    assert remap_labels(seg, [3, 1]).tolist() == [0, 0, 2, 0, 1]
+    assert LabelEncoding((3, 1)).encode(seg, keep_outside=False).tolist() == [0, 0, 2, 0, 1]
+    assert LabelEncoding((3, 1)).encode(seg).tolist() == [LabelEncoding.OUTSIDE, 0, 2, 0, 1]
+    assert LabelEncoding((1,), ignore_label=3).encode(seg, keep_outside=False).tolist() == [0, 0, 1, 0, 2]
+
+
+# --- the ignore label ---------------------------------------------------------------------------------------
+
+IGNORE = 3  # LabelEncoding.for_classes(3, ignore=True).ignore_index: one past the classes 0..2
+
+
+def _ignore_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, 3, (2, 1, 6, 8, 8), generator=generator)
+    target[:, :, :2] = IGNORE
+    target[1, :, 4:, :4] = IGNORE
+    return torch.randn(2, 3, 6, 8, 8, generator=generator, requires_grad=True), target
+
+
+@pytest.mark.parametrize("batch_dice", [False, True])
+@pytest.mark.parametrize("class_weights", [None, [1.0, 2.0, 3.0]])
+def test_ignored_voxels_do_not_change_the_loss(batch_dice, class_weights):
+    """Whatever the network outputs at ignored voxels, the loss and its gradient elsewhere are the same, and
+    no gradient reaches the ignored voxels (nnU-Net's DC_and_CE_loss with ignore_label)."""
+    logits, target = _ignore_batch()
+    loss_fn = DiceCELoss(batch_dice, class_weights=class_weights, ignore_index=IGNORE)
+    loss = loss_fn(logits, target)
+    (grad,) = torch.autograd.grad(loss, logits)
+    ignored = (target == IGNORE).expand_as(logits)
+    other = logits.detach().clone()
+    other[ignored] = 100 * torch.randn(int(ignored.sum()), generator=torch.Generator().manual_seed(1))
+    other.requires_grad_(True)
+    again = loss_fn(other, target)
+    (grad_again,) = torch.autograd.grad(again, other)
+    assert torch.isfinite(loss) and torch.isclose(loss, again, atol=1e-6)
+    assert (grad[ignored] == 0).all() and torch.allclose(grad, grad_again, atol=1e-7)
+    # the same loss as if the ignored voxels were not there: case 0 ignores its first two slices
+    plain = DiceCELoss(batch_dice, class_weights=class_weights)
+    assert torch.isclose(loss_fn(logits[:1], target[:1]), plain(logits[:1, :, 2:], target[:1, :, 2:]), atol=1e-6)
+
+
+def test_a_patch_without_annotation_has_a_finite_loss_with_a_gradient():
+    logits, target = _ignore_batch()
+    loss = DiceCELoss(False, ignore_index=IGNORE)(logits, torch.full_like(target, IGNORE))
+    assert torch.isfinite(loss)
+    loss.backward()  # nnU-Net counts cross-entropy as 0 there; the graph must still be there for the step
+
+
+def test_pseudo_dice_and_validation_dice_skip_ignored_voxels():
+    prediction = torch.tensor([[0, 1, 1, 2, 1, 2]])
+    target = torch.tensor([[0, 1, 2, 2, IGNORE, IGNORE]])
+    # predictions on the two ignored voxels are neither false positives nor anything else
+    counts = confusion_counts(prediction, target, 3, ignore_index=IGNORE)
+    assert counts.tolist() == [[1, 1], [1, 0], [0, 1]]
+    assert confusion_counts(prediction, target, 3).tolist() != counts.tolist()
+    assert dice_per_class(prediction.numpy(), target.numpy(), 3, ignore_index=IGNORE) == [2 / 3, 2 / 3]

@@ -295,6 +295,24 @@ def test_dataset_label_rules(ds: Synthetic, labels: dict[str, int], checks: set[
     assert all(p.file == ds.root / "dataset.json" for p in report.problems if p.case is None)
 
 
+def test_the_ignore_label_must_be_the_highest_value(ds: Synthetic) -> None:
+    """nnU-Net's sparse-annotation convention; the report names dataset.json, the key and the fix."""
+    ds.edit_json(labels={"background": 0, "ignore": 1, "a": 2, "b": 3})
+    label = valid_label()
+    save_nifti(np.where(label > 0, label + 1, 0).astype(np.uint8), ds.label("case_001"))  # values 0, 2, 3
+    report = ds.verify()
+    assert found(report) == {("ignore-label", None, ds.root / "dataset.json")}
+    problem = report.problems[0]
+    assert str(ds.root / "dataset.json") in problem.message and '"ignore"' in problem.message
+    assert "highest label value" in problem.message
+    assert 'give "ignore" the value 3' in problem.fix and "0..2" in problem.fix
+    # the fix: the other labels 0..2 and the ignore label last
+    ds.edit_json(labels={**LABELS, "ignore": 3})
+    label[0] = 3  # one unannotated slice
+    save_nifti(label, ds.label("case_001"))
+    assert ds.verify().problems == []
+
+
 def test_missing_dataset_json_gives_discovery_problems_only(ds: Synthetic) -> None:
     (ds.root / "dataset.json").unlink()
     report = ds.verify()

@@ -6,6 +6,13 @@ of nnUNetTrainer.get_training_transforms: same order, same distributions, same p
 random parameter is drawn as one tensor for the whole batch and per-sample choices become masks, index
 subsets or per-sample operators, so there is no Python loop over samples or voxels.
 
+Labels travel as `viseg.labels.LabelEncoding` codes: every class, the ignore label and OUTSIDE (outside the
+nonzero mask) are resampled as labels of their own, so their masks move with the image. After mirroring,
+channels normalised within the nonzero mask are set back to 0 wherever the label says OUTSIDE, and OUTSIDE
+then becomes background (nnU-Net's MaskImageTransform and RemoveLabelTransform(-1, 0), in that order):
+noise and intensity changes outside the mask would otherwise reach training but never inference, where
+those voxels are always 0.
+
 Separable linear filters (Gaussian blur, the low-resolution simulation) are applied as one (N, N) matrix per
 sample and axis with `einsum`. A banded matrix is a separable convolution whose taps may differ per sample,
 which one grouped conv expresses only with a loop over kernel sizes; on CPU it measured 3x faster than
@@ -23,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from viseg.config import AugmentationConfig
+from viseg.labels import LabelEncoding
 
 ANISO_THRESHOLD = 3.0  # nnunetv2.configuration.ANISO_THRESHOLD
 IN_PLANE_ROTATION_DEGREES = 180.0  # nnU-Net: dummy-2D and near-square 2D patches rotate freely in-plane
@@ -141,32 +149,38 @@ def _affine_theta(affine: Tensor, in_size: Sequence[int], patch_size: Sequence[i
     return torch.cat([linear.flip(-2, -1), shift[..., None]], dim=-1)
 
 
-def _resample_labels(seg: Tensor, grid: Tensor, num_classes: int) -> Tensor:
+def _resample_labels(seg: Tensor, grid: Tensor, labels: LabelEncoding) -> Tensor:
     """One-hot + bilinear + argmax, as nnU-Net does: nearest neighbour would be cheaper but jags rotated
-    boundaries and shifts them by up to half a voxel. Background scores 1 - sum(foreground), so outside the
-    input counts as background (labels out of bounds -> 0). Exact ties go to the lower label."""
-    if num_classes < 2:
-        return torch.zeros((len(seg), 1, *grid.shape[1:-1]), dtype=torch.int64, device=seg.device)
-    labels = torch.arange(1, num_classes, device=seg.device).view(1, -1, *[1] * (seg.dim() - 2))
-    foreground = F.grid_sample((seg == labels).float(), grid, mode="bilinear", padding_mode="zeros",
-                               align_corners=False)
-    # a running maximum over classes: argmax across the strided class axis was 16x slower on CPU
-    best = 1 - foreground.sum(1)
-    label = torch.zeros(best.shape, dtype=torch.int64, device=seg.device)
-    for k in range(num_classes - 1):
-        score = foreground[:, k]
-        label.masked_fill_(score > best, k + 1)
+    boundaries and shifts them by up to half a voxel. OUTSIDE, the classes and the ignore label each have an
+    indicator; background scores 1 - their sum. Outside the input is OUTSIDE (nnU-Net pads the seg with -1),
+    so its indicator is resampled as (indicator - 1) with zero padding, plus 1. Exact ties go to the lower code
+    (OUTSIDE, background, 1..K, ignore)."""
+    codes = (labels.OUTSIDE, *labels.label_codes)
+    indicators = (seg == torch.tensor(codes, device=seg.device).view(1, -1, *[1] * (seg.dim() - 2))).float()
+    indicators[:, 0] -= 1
+    scores = F.grid_sample(indicators, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    scores[:, 0] += 1
+    background = 1 - scores.sum(1)
+    # a running maximum over codes: argmax across the strided class axis was 16x slower on CPU
+    best = scores[:, 0]
+    label = torch.full(best.shape, labels.OUTSIDE, dtype=torch.int64, device=seg.device)
+    label.masked_fill_(background > best, 0)
+    best = torch.maximum(best, background)
+    for k in range(1, len(codes)):
+        score = scores[:, k]
+        label.masked_fill_(score > best, codes[k])
         best = torch.maximum(best, score)
     return label[:, None]
 
 
-def resample(data: Tensor, seg: Tensor, affine: Tensor, patch_size: Sequence[int], num_classes: int,
+def resample(data: Tensor, seg: Tensor, affine: Tensor, patch_size: Sequence[int], labels: LabelEncoding,
              ) -> tuple[Tensor, Tensor]:
-    """Samples the centred output patch through per-sample `affine` (see affine_matrices); zero padding."""
+    """Samples the centred output patch through per-sample `affine` (see affine_matrices); zero padding for
+    the data, OUTSIDE for the labels."""
     theta = _affine_theta(affine, data.shape[2:], patch_size).float()
     grid = F.affine_grid(theta, [len(data), 1, *patch_size], align_corners=False)
     out = F.grid_sample(data, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out, _resample_labels(seg, grid, num_classes)
+    return out, _resample_labels(seg, grid, labels)
 
 
 def apply_along_axes(x: Tensor, matrices: Sequence[Tensor | None]) -> Tensor:
@@ -254,17 +268,23 @@ def gamma(x: Tensor, exponent: Tensor, invert: bool) -> Tensor:
 class BatchAugmenter:
     """Turns the loader's (B, C, *input_size) / (B, 1, *input_size) batch into the training patch on its device.
 
-    num_classes counts background (labels 0..num_classes - 1). Returns float32 data and int64 labels.
+    The seg holds `labels` codes, OUTSIDE included; `use_mask_for_norm` is the plan's flag per channel (empty:
+    no channel). Returns float32 data and int64 labels in which OUTSIDE has become background. With `cfg`
+    disabled (validation) it only crops and relabels OUTSIDE, as nnU-Net's validation transforms do: the
+    masked channels are already 0 there.
     """
 
-    def __init__(self, patch_size: Sequence[int], cfg: AugmentationConfig, anisotropic: bool, num_classes: int):
+    def __init__(self, patch_size: Sequence[int], cfg: AugmentationConfig, anisotropic: bool,
+                 labels: LabelEncoding, use_mask_for_norm: Sequence[bool] = ()):
         self.patch_size = tuple(int(v) for v in patch_size)
         self.dim = len(self.patch_size)
         if self.dim not in (2, 3):
             raise ValueError(f"patch_size {list(patch_size)} must be 2D or 3D")
         self.cfg = cfg
         self.anisotropic = anisotropic and self.dim == 3
-        self.num_classes = num_classes
+        self.labels = labels
+        self.use_mask_for_norm = tuple(bool(m) for m in use_mask_for_norm)
+        self.masked_channels = [c for c, masked in enumerate(self.use_mask_for_norm) if masked]
         self.max_angle = math.radians(rotation_degrees(self.patch_size, cfg, self.anisotropic))
         self.mirror_axes = tuple(range(self.dim)) if cfg.mirror_axes is None else tuple(cfg.mirror_axes)
         if any(not 0 <= a < self.dim for a in self.mirror_axes):
@@ -275,17 +295,21 @@ class BatchAugmenter:
         self._check(data, seg)
         data, seg = data.float(), seg.long()
         if not self.cfg.enabled:
-            return centre_crop(data, self.patch_size), centre_crop(seg, self.patch_size)
+            return centre_crop(data, self.patch_size), _outside_to_background(centre_crop(seg, self.patch_size))
         rng = _Random(generator, data.device)
         data, seg = self._spatial(data, seg, rng)
         data = self._noise_and_blur(data, rng)
         data = self._intensity(data, rng)
-        return self._mirror(data, seg, rng)
+        data, seg = self._mirror(data, seg, rng)
+        return self._mask(data, seg), _outside_to_background(seg)
 
     def _check(self, data: Tensor, seg: Tensor) -> None:
         if data.dim() != self.dim + 2 or seg.shape != (data.shape[0], 1, *data.shape[2:]):
             raise ValueError(f"expected data (B, C, *S) and seg (B, 1, *S) with {self.dim} spatial axes, "
                              f"got {tuple(data.shape)} and {tuple(seg.shape)}")
+        if self.use_mask_for_norm and len(self.use_mask_for_norm) != data.shape[1]:
+            raise ValueError(f"use_mask_for_norm has {len(self.use_mask_for_norm)} flags for {data.shape[1]} "
+                             "channels")
         if any(s < p for s, p in zip(data.shape[2:], self.patch_size)):
             raise ValueError(f"input {tuple(data.shape[2:])} is smaller than patch {self.patch_size}; "
                              "crop it with augmentation_input_size")
@@ -307,10 +331,10 @@ class BatchAugmenter:
         affine, moved = self._draw_affine(rng, len(data))
         index = moved.nonzero().flatten()
         if index.numel() == len(data):  # every sample moves: resample without copying the input
-            return resample(data, seg, affine, self.patch_size, self.num_classes)
+            return resample(data, seg, affine, self.patch_size, self.labels)
         out_data, out_seg = centre_crop(data, self.patch_size), centre_crop(seg, self.patch_size)
         if index.numel():
-            resampled, labels = resample(data[index], seg[index], affine[index], self.patch_size, self.num_classes)
+            resampled, labels = resample(data[index], seg[index], affine[index], self.patch_size, self.labels)
             out_data[index], out_seg[index] = resampled, labels
         return out_data, out_seg
 
@@ -362,6 +386,19 @@ class BatchAugmenter:
             seg = torch.where(flip, seg.flip(axis + 2), seg)
         return data, seg
 
+    def _mask(self, data: Tensor, seg: Tensor) -> Tensor:
+        """nnU-Net's MaskImageTransform: masked channels back to exactly 0 outside the mask, as inference sees them."""
+        if self.masked_channels:
+            outside = seg == LabelEncoding.OUTSIDE  # (B, 1, *patch): broadcasts over the chosen channels
+            channels = data[:, self.masked_channels]
+            data[:, self.masked_channels] = channels.masked_fill(outside, 0.0)
+        return data
+
+
+def _outside_to_background(seg: Tensor) -> Tensor:
+    """nnU-Net's RemoveLabelTransform(-1, 0): once the mask has been applied, outside is background."""
+    return seg.masked_fill_(seg == LabelEncoding.OUTSIDE, 0)
+
 
 def _benchmark(patch_size: tuple[int, ...], cfg: AugmentationConfig, seconds: float = 3.0) -> float:
     """Batches per second for B=2, C=1 on CPU."""
@@ -369,7 +406,7 @@ def _benchmark(patch_size: tuple[int, ...], cfg: AugmentationConfig, seconds: fl
 
     aniso = is_anisotropic(patch_size, [1.0] * len(patch_size))
     size = augmentation_input_size(patch_size, cfg, aniso)
-    augment = BatchAugmenter(patch_size, cfg, aniso, num_classes=3)
+    augment = BatchAugmenter(patch_size, cfg, aniso, LabelEncoding.for_classes(3))
     generator = torch.Generator().manual_seed(0)
     data = torch.randn(2, 1, *size, generator=generator)
     seg = torch.randint(0, 3, (2, 1, *size), generator=generator)

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from viseg.config import LoaderConfig, SamplingConfig
 from viseg.errors import ConfigError, DatasetError
+from viseg.labels import LabelEncoding
 
 RERUN_FIX = "re-run preprocessing for the dataset; cases without their marker were interrupted or never written"
 
@@ -69,7 +70,7 @@ def _load_case(folder: Path, case_id: str, labels: Sequence[int]) -> _Case:
 
 
 def _check_sampler_args(patch_size: Sequence[int], network_patch_size: Sequence[int], batch_size: int,
-                        labels: Sequence[int], oversample: float, conv_dim: int) -> None:
+                        oversample: float, conv_dim: int) -> None:
     if conv_dim not in (2, 3):
         raise ConfigError(f"conv_dim must be 2 or 3, got {conv_dim}")
     if len(patch_size) != conv_dim or len(network_patch_size) != conv_dim:
@@ -80,8 +81,6 @@ def _check_sampler_args(patch_size: Sequence[int], network_patch_size: Sequence[
                           f"patch {list(patch_size)}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-    if len(set(labels)) != len(labels) or any(v <= 0 for v in labels):
-        raise ConfigError(f"foreground_labels={list(labels)} must be distinct positive label values")
     if not 0.0 <= oversample <= 1.0:
         raise ConfigError(f"oversample_foreground_percent must lie in [0, 1], got {oversample}")
 
@@ -93,28 +92,25 @@ class PatchSampler:
     same) is what the network sees. Their difference is nnU-Net's `need_to_pad`: random patches may reach
     that far past the image so that, after the central crop, the network's patch still covers the borders.
     For `conv_dim == 2` the patch is one slice (axis 0) of the 3D volume and the batch is (B, C, H, W).
+    Labels come out as `LabelEncoding` codes; `ignore_label` is dataset.json's `ignore` value, if any.
     """
 
     def __init__(self, folder: Path, case_ids: Sequence[str], patch_size: Sequence[int], batch_size: int,
                  foreground_labels: Sequence[int], oversample_foreground_percent: float, conv_dim: int,
-                 network_patch_size: Sequence[int] | None = None) -> None:
+                 network_patch_size: Sequence[int] | None = None, ignore_label: int | None = None) -> None:
         network = tuple(patch_size) if network_patch_size is None else tuple(network_patch_size)
-        labels = [int(v) for v in foreground_labels]
-        _check_sampler_args(patch_size, network, batch_size, labels, oversample_foreground_percent, conv_dim)
+        self.labels = LabelEncoding(tuple(int(v) for v in foreground_labels), ignore_label)
+        _check_sampler_args(patch_size, network, batch_size, oversample_foreground_percent, conv_dim)
         if not case_ids:
             raise ConfigError(f"no cases to sample patches from in {folder}")
         self.folder, self.case_ids = Path(folder), list(case_ids)
         _require_markers(self.folder, self.case_ids)
-        self.batch_size, self.conv_dim, self.foreground_labels = batch_size, conv_dim, tuple(labels)
+        self.batch_size, self.conv_dim, self.foreground_labels = batch_size, conv_dim, self.labels.foreground_labels
         lead = (1,) if conv_dim == 2 else ()  # 2D: a one-slice 3D patch; the singleton axis is dropped at the end
         self.patch = np.array((*lead, *patch_size), dtype=np.int64)
         self.need_to_pad = self.patch - np.array((*lead, *network), dtype=np.int64)
         # nnU-Net's rule, Python's round included: sample i is forced to foreground from this index on
         self.first_forced = round(batch_size * (1 - oversample_foreground_percent))
-        self._max_label = max(labels, default=0)
-        self._lut = np.zeros(self._max_label + 3, dtype=np.int64)  # index: label + 1, clipped to [-1, max + 1]
-        for k, value in enumerate(labels, start=1):
-            self._lut[value + 1] = k
         self._cache: dict[str, _Case] = {}
         self._channels: int | None = None
 
@@ -123,10 +119,12 @@ class PatchSampler:
         return {**self.__dict__, "_cache": {}}
 
     def sample_batch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """data (B, C, *patch) float32 and seg (B, 1, *patch) int64 with labels remapped to 0..K."""
+        """data (B, C, *patch) float32 and seg (B, 1, *patch) int64 in `LabelEncoding` codes: 0..K, the
+        ignore code, and OUTSIDE outside the nonzero mask and where the patch is padded (nnU-Net pads the
+        seg with -1), which augmentation turns into background."""
         cases = [self._case(self.case_ids[i]) for i in rng.integers(len(self.case_ids), size=self.batch_size)]
         data = np.zeros((self.batch_size, self._channels, *self.patch), dtype=np.float32)
-        seg = np.zeros((self.batch_size, 1, *self.patch), dtype=np.int64)
+        seg = np.full((self.batch_size, 1, *self.patch), LabelEncoding.OUTSIDE, dtype=np.int64)
         for i, case in enumerate(cases):
             lower = self._lower_corner(case, i >= self.first_forced, rng)
             self._crop_into(case, lower, data[i], seg[i])
@@ -161,7 +159,7 @@ class PatchSampler:
         return rng.integers(lower, upper + 1)
 
     def _crop_into(self, case: _Case, lower: np.ndarray, data_out: np.ndarray, seg_out: np.ndarray) -> None:
-        """Copy the part of the patch inside the image; the rest keeps its zero padding."""
+        """Copy the part of the patch inside the image; the rest keeps its padding (data 0, seg OUTSIDE)."""
         source, target = [], []
         for start, size, extent in zip(lower.tolist(), self.patch.tolist(), case.data.shape[1:]):
             first = min(max(start, 0), extent)
@@ -169,8 +167,7 @@ class PatchSampler:
             source.append(slice(first, last))
             target.append(slice(first - start, last - start))
         data_out[(slice(None), *target)] = case.data[(slice(None), *source)]
-        # other labels, -1 (outside the mask) and anything unexpected become background
-        seg_out[(0, *target)] = self._lut[np.clip(case.seg[(0, *source)], -1, self._max_label + 1) + 1]
+        seg_out[(0, *target)] = self.labels.encode(case.seg[(0, *source)])
 
 
 class TrainingBatches(IterableDataset):
@@ -219,13 +216,14 @@ class SegmentationDataModule(L.LightningDataModule):
     def __init__(self, folder: Path, train_ids: Sequence[str], val_ids: Sequence[str],
                  input_patch_size: Sequence[int], batch_size: int, foreground_labels: Sequence[int],
                  sampling: SamplingConfig, loader: LoaderConfig, iterations_per_epoch: int, val_iterations: int,
-                 conv_dim: int, seed: int, network_patch_size: Sequence[int] | None = None) -> None:
+                 conv_dim: int, seed: int, network_patch_size: Sequence[int] | None = None,
+                 ignore_label: int | None = None) -> None:
         super().__init__()
         self.loader_cfg = loader
 
         def sampler(case_ids: Sequence[str]) -> PatchSampler:
             return PatchSampler(Path(folder), case_ids, input_patch_size, batch_size, foreground_labels,
-                                sampling.oversample_foreground_percent, conv_dim, network_patch_size)
+                                sampling.oversample_foreground_percent, conv_dim, network_patch_size, ignore_label)
 
         self.train_batches = TrainingBatches(sampler(train_ids), iterations_per_epoch, seed, stream=0)
         self.val_batches = TrainingBatches(sampler(val_ids), val_iterations, seed, stream=1)

@@ -19,6 +19,7 @@ import numpy as np
 from viseg.data.dataset import Case, DatasetInfo, Discovery, Problem, Severity
 from viseg.data.io import READ_ERRORS, VolumeHeader, read_header, read_voxels
 from viseg.errors import DatasetError
+from viseg.labels import IGNORE, ignore_label_problem
 from viseg.parallel import parallel_map
 
 SPACING_RTOL = 1e-3  # relative: exporters round spacings differently; 1e-3 still catches real resampling
@@ -118,6 +119,13 @@ def check_dataset_info(info: DatasetInfo, n_cases: int) -> list[Problem]:
     if len(values) != len(info.labels):
         problems.append(Problem("label-values", f"several label names share a value: {info.labels}",
                                 "give every label name its own value", file=where))
+    ignore = ignore_label_problem(info.labels)
+    if ignore is not None:
+        others = len(info.labels) - 1
+        problems.append(Problem("ignore-label", f"{where}: {ignore}",
+                                f'in "labels" of dataset.json number the other labels 0..{others - 1} and give '
+                                f'"{IGNORE}" the value {others}, then relabel the voxels in every label file',
+                                file=where))
     if info.num_training is not None and info.num_training != n_cases:
         problems.append(Problem("num-training", f"dataset.json says numTraining={info.num_training} but "
                                 f"{_plural(n_cases, 'case')} were found",
