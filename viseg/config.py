@@ -136,10 +136,15 @@ class PathsConfig:
 @dataclass
 class PlannerConfig:
     gpu_memory_gb: float = 8.0  # nnU-Net's reference target; raise it like the ResEnc L/XL presets
+    # first-stage features (doubling per stage, capped); null: the architecture's own, nnU-Net's 32
+    base_num_features: int | None = None
 
     def __post_init__(self) -> None:
         if not self.gpu_memory_gb > 0:
             raise ConfigError(f"plan.gpu_memory_gb must be positive, got {self.gpu_memory_gb}")
+        if self.base_num_features is not None and self.base_num_features < 1:
+            raise ConfigError(f"plan.base_num_features must be at least 1, got {self.base_num_features}",
+                              fix="use e.g. plan.base_num_features=8, or null for the architecture's own (32)")
 
 
 @dataclass

@@ -50,6 +50,9 @@ class PlannerSettings:
     spacing: tuple[float, ...] | None = None  # network axis order (after transpose_forward)
     batch_size: int | None = None
     transpose_forward: tuple[int, ...] | None = None
+    # features of the first stage, doubling per stage up to the architecture's cap; None: the architecture's
+    # own (nnU-Net's UNet_base_num_features, 32). Fewer features make a network that a CPU trains in minutes.
+    base_num_features: int | None = None
 
 
 # -- nnU-Net's topology rules -----------------------------------------------------------------------------
@@ -362,6 +365,8 @@ def make_plans(fingerprint: Fingerprint, settings: PlannerSettings) -> Plans:
     """nnU-Net's default experiment planning for 3d_fullres and 2d, with the user's overrides applied to
     `settings.configuration`."""
     arch = get_architecture(settings.architecture)
+    if settings.base_num_features is not None:
+        arch = replace(arch, preset=replace(arch.preset, base_num_features=settings.base_num_features))
     foreground = _foreground_labels(fingerprint, settings)
     default_target = fullres_target_spacing(fingerprint)
     if settings.transpose_forward is not None:

@@ -128,6 +128,7 @@ def planner_settings(cfg: BaseConfig) -> PlannerSettings:
     return PlannerSettings(
         architecture=cfg.model.model_cls,
         gpu_memory_gb=float(cfg.plan.gpu_memory_gb),
+        base_num_features=cfg.plan.base_num_features,
         configuration=CONFIGURATION_BY_DIM[cfg.model.model_args.conv_dim],
         foreground_labels=tup(cfg.foreground_labels),
         patch_size=tup(cfg.patch_size),
@@ -137,8 +138,14 @@ def planner_settings(cfg: BaseConfig) -> PlannerSettings:
     )
 
 
+# Settings added after plan folders were first named: they enter the folder's hash only when set, so that
+# existing caches and run folders keep their names.
+_LATER_SETTINGS = ("base_num_features",)
+
+
 def plans_dir_for(cache_dir: Path, settings: PlannerSettings) -> Path:
-    key = json.dumps(asdict(settings), sort_keys=True, default=list)
+    values = {k: v for k, v in asdict(settings).items() if not (k in _LATER_SETTINGS and v is None)}
+    key = json.dumps(values, sort_keys=True, default=list)
     return cache_dir / "plans" / (
         f"{settings.architecture}-{settings.configuration}-{hashlib.sha256(key.encode()).hexdigest()[:8]}")
 

@@ -207,3 +207,23 @@ def test_lowres_search_ends_where_nnunets_does(name: str):
     assert list(lowres.median_shape) == reference["3d_lowres"]["median_image_size_in_voxels"]
     plan = plan_configuration(lowres, arch, 8.0, fingerprint, batch_dice=False)
     assert configuration_differences(plan, reference["3d_lowres"]) == {}
+
+
+def test_base_num_features_scales_the_network_and_nothing_else(shared: Path):
+    default, small = _acdc(shared), _acdc(shared, base_num_features=8, patch_size=(10, 128, 128))
+    reference = _acdc(shared, patch_size=(10, 128, 128)).configuration("3d_fullres")
+    plan = small.configuration("3d_fullres")
+    assert plan.network.features_per_stage == tuple(min(320, 8 * 2**i) for i in range(plan.network.n_stages))
+    assert plan.network.strides == reference.network.strides and plan.patch_size == reference.patch_size
+    assert default.configuration("3d_fullres").network.features_per_stage[0] == 32  # nnU-Net's own
+
+
+def test_plan_folder_names_of_existing_caches_do_not_change():
+    """Settings added later enter a plan folder's name only when set: caches and run folders made before
+    keep their names (these are the names the first release gave)."""
+    from viseg.prepare import plans_dir_for
+
+    assert plans_dir_for(Path("c"), PlannerSettings()).name == "PlainConvUNet-3d_fullres-84849d37"
+    assert plans_dir_for(Path("c"), PlannerSettings(architecture="ResidualEncoderUNet", patch_size=(16, 32, 32))
+                         ).name == "ResidualEncoderUNet-3d_fullres-63a5541c"
+    assert plans_dir_for(Path("c"), PlannerSettings(base_num_features=8)).name != "PlainConvUNet-3d_fullres-84849d37"
