@@ -8,19 +8,51 @@ which would otherwise hold on to the space it took. The one place every writer o
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
+import socket
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from viseg.errors import NO_SPACE_ERRNOS
+
+# O_EXCL: never reuse a file that is already there (a planted file or link, another writer's); O_NOFOLLOW: a
+# symbolic link at the temporary name is refused rather than followed to wherever it points.
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_HOST_CHARS = re.compile(r"[^A-Za-z0-9-]+")
+
+
+def _writer_tag() -> str:
+    """`<host>.<random>.<pid>`: unique across the hosts that share a folder (a sweep's storage_path on NFS), where
+    pids alone collide, and unguessable, so nobody can plant a file at the name in advance. The pid stays
+    last before `.tmp`: the preprocessing cache reads it there to remove the leftovers of dead writers."""
+    host = _HOST_CHARS.sub("-", socket.gethostname())[:32] or "host"
+    return f"{host}.{secrets.token_hex(4)}.{os.getpid()}"
+
 
 def temporary_name(path: Path, keep_ending: bool = False) -> Path:
-    """`.<name>.<pid>.tmp` beside `path`. Writers that choose the format from the file's ending (nibabel,
-    matplotlib, numpy's savez) get `.<pid>.tmp.<name>`. The pid lets a later run tell a dead writer's
-    leftovers from a live writer's file."""
+    """`.<name>.<host>.<random>.<pid>.tmp` beside `path`. Writers that choose the format from the file's ending
+    (nibabel, matplotlib, numpy's savez) get `.<host>.<random>.<pid>.tmp.<name>`. A new name on every call."""
     path = Path(path)
-    pid = os.getpid()
-    return path.with_name(f".{pid}.tmp.{path.name}" if keep_ending else f".{path.name}.{pid}.tmp")
+    tag = _writer_tag()
+    return path.with_name(f".{tag}.tmp.{path.name}" if keep_ending else f".{path.name}.{tag}.tmp")
+
+
+def _create_exclusively(tmp: Path) -> None:
+    """The empty temporary file, created by us or not at all: raises FileExistsError (or ELOOP) when anything,
+    a symbolic link included, is already at the name, and then leaves it as it is."""
+    os.close(os.open(tmp, _CREATE_FLAGS, 0o666))
+
+
+def _refuse_link(tmp: Path, path: Path) -> None:
+    """A writer opens the temporary file by its name: should a link have replaced it since its creation, the
+    rename must not install that link as the target."""
+    if stat.S_ISLNK(os.lstat(tmp).st_mode):
+        raise OSError(f"refusing to replace {path}: its temporary file {tmp} became a symbolic link while "
+                      "being written (is someone else writing into this folder?)")
 
 
 def write_atomically(path: Path, write: Callable[[Path], Any], *, keep_ending: bool = False, fsync: bool = False,
@@ -30,6 +62,7 @@ def write_atomically(path: Path, write: Callable[[Path], Any], *, keep_ending: b
     version under another name)."""
     path = Path(path)
     tmp = temporary_name(path, keep_ending)
+    _create_exclusively(tmp)  # outside the try: what was at the name before is not ours to remove
     try:
         write(tmp)
         if fsync:
@@ -37,7 +70,14 @@ def write_atomically(path: Path, write: Callable[[Path], Any], *, keep_ending: b
                 os.fsync(handle.fileno())
         if before_replace is not None:
             before_replace()
+        _refuse_link(tmp, path)
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in NO_SPACE_ERRNOS and not (exc.filename or exc.filename2):
+            # refused at write() or close(), where Python names no file: a full disk must say which one
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

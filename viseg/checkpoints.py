@@ -13,16 +13,16 @@ import os
 from pathlib import Path
 
 from viseg.errors import ConfigError
+from viseg.run_layout import LAST_CHECKPOINT, PREVIOUS_CHECKPOINT, RESUMABLE_CHECKPOINTS
 
 log = logging.getLogger(__name__)
-LAST, PREVIOUS = "last.ckpt", "previous.ckpt"
 
 
 def keep_previous(checkpoint_dir: Path) -> None:
     """Move last.ckpt aside before a new one replaces it (a rename: atomic, no copy)."""
-    last = checkpoint_dir / LAST
+    last = checkpoint_dir / LAST_CHECKPOINT
     if last.is_file():
-        os.replace(last, checkpoint_dir / PREVIOUS)
+        os.replace(last, checkpoint_dir / PREVIOUS_CHECKPOINT)
 
 
 def unreadable_reason(path: Path) -> str | None:
@@ -39,9 +39,12 @@ def unreadable_reason(path: Path) -> str | None:
 
 
 def newest_good_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """last.ckpt if it loads, else previous.ckpt if that loads (with a warning); None when neither exists."""
+    """last.ckpt if it loads, else previous.ckpt if that loads (with a warning: damaged, or missing after a
+    kill between the two renames of keep_previous and the save); None when neither exists."""
     problems = []
-    for name in (LAST, PREVIOUS):
+    if not (checkpoint_dir / LAST_CHECKPOINT).is_file() and (checkpoint_dir / PREVIOUS_CHECKPOINT).is_file():
+        problems.append(f"{checkpoint_dir / LAST_CHECKPOINT} is missing (stopped while it was being replaced)")
+    for name in RESUMABLE_CHECKPOINTS:
         path = checkpoint_dir / name
         if not path.is_file():
             continue

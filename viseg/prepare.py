@@ -19,10 +19,10 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from viseg.atomic import copy_atomically
 from viseg.config import BaseConfig
 from viseg.data.dataset import Case, DatasetInfo, Discovery
 from viseg.data.pathfinders import get_pathfinder
@@ -157,6 +157,12 @@ def _splits(cfg: BaseConfig, info: DatasetInfo, case_ids: list[str]) -> list[Spl
     return make_splits(case_ids, cfg.splits.n_folds, cfg.splits.seed, cfg.splits.group_pattern)
 
 
+def current_splits(cfg: BaseConfig, prepared: PreparedDataset) -> list[Split]:
+    """The folds the dataset gives now (its splits_final.json, else generated): what a new run would get, to
+    compare with a started run's own splits.json."""
+    return _splits(cfg, prepared.info, [c.case_id for c in prepared.cases])
+
+
 def _write_once(plans_dir: Path, plans: Plans, splits: list[Split], info: DatasetInfo) -> None:
     """plans.json is a contract: rewrite it only if its content would change (it never should for the
     same fingerprint and settings), so runs reading it are never disturbed."""
@@ -168,7 +174,19 @@ def _write_once(plans_dir: Path, plans: Plans, splits: list[Split], info: Datase
     if not unchanged:
         plans.save(path)
     save_splits(plans_dir / "splits.json", splits)
-    shutil.copyfile(info.dataset_json, plans_dir / "dataset.json")
+    _copy_if_changed(info.dataset_json, plans_dir / "dataset.json")
+
+
+def _copy_if_changed(source: Path, target: Path) -> None:
+    """A copy every prepare would otherwise rewrite in place, under runs and predictions reading it: it is
+    replaced (atomically) only when the source's bytes differ."""
+    content = source.read_bytes()
+    try:
+        if target.read_bytes() == content:
+            return
+    except OSError:
+        pass
+    copy_atomically(source, target)
 
 
 @dataclass

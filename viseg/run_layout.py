@@ -3,6 +3,14 @@ predict loader use them without pulling in Lightning."""
 
 FINISHED_MARKER = "finished.json"  # written by train() last, after the validation summary
 
+# checkpoints/ of a run folder. last.ckpt is replaced after every epoch by two renames (last -> previous, new ->
+# last), so a kill between them leaves previous.ckpt alone: whatever resumes must look for both.
+CHECKPOINTS_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+PREVIOUS_CHECKPOINT = "previous.ckpt"
+BEST_CHECKPOINT = "best.ckpt"  # best moving-average pseudo-Dice so far
+RESUMABLE_CHECKPOINTS = (LAST_CHECKPOINT, PREVIOUS_CHECKPOINT)  # newest first
+
 # Which weights of a run predict, best= and the ensembles use. nnU-Net predicts with checkpoint_final.pth;
 # "best" (the best moving-average pseudo-Dice) rests on a few hundred validation patches, so it is an option.
 WEIGHTS = ("final", "best", "last")

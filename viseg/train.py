@@ -24,7 +24,7 @@ from viseg.config import BaseConfig
 from viseg.errors import ConfigError
 from viseg.jsonio import write_json_atomic
 from viseg.prepare import PreparedDataset
-from viseg.run_layout import FINISHED_MARKER
+from viseg.run_layout import BEST_CHECKPOINT, CHECKPOINTS_DIR, FINISHED_MARKER, RESUMABLE_CHECKPOINTS
 
 if TYPE_CHECKING:  # callbacks import Lightning: a config error must not wait for it (nor must --help)
     from viseg.callbacks import ReportFn
@@ -64,7 +64,8 @@ def accelerator_and_devices(devices: Any) -> tuple[str, Any]:
 
 
 def _write_run_files(run_dir: Path, cfg: BaseConfig, prepared: PreparedDataset) -> None:
-    """Everything a run needs besides the images: the plan, splits, dataset.json and the resolved config."""
+    """Everything a run needs besides the images: the plan, splits, dataset.json and the resolved config. A
+    continued run's prepared dataset is its own folder (plans_dir == run_dir): its plan and split stay."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if prepared.plans_dir != run_dir:
         for name in ("plans.json", "splits.json", "dataset.json"):
@@ -72,12 +73,27 @@ def _write_run_files(run_dir: Path, cfg: BaseConfig, prepared: PreparedDataset) 
     write_text_atomically(run_dir / "config.yaml", config_yaml(cfg))
 
 
+def existing_run_files(run_dir: Path) -> list[str]:
+    """What makes a folder an existing run: its config, its finished marker or any checkpoint. last.ckpt alone
+    is not enough: a kill between the two renames that replace it leaves only previous.ckpt."""
+    names = [FINISHED_MARKER, "config.yaml",
+             *(f"{CHECKPOINTS_DIR}/{n}" for n in (*RESUMABLE_CHECKPOINTS, BEST_CHECKPOINT))]
+    return [name for name in names if (run_dir / name).exists()]
+
+
 def _refuse_existing_run(run_dir: Path) -> None:
-    """Never overwrite a run: a finished or interrupted run is continued explicitly, not restarted."""
-    if (run_dir / FINISHED_MARKER).exists() or (run_dir / "checkpoints" / "last.ckpt").exists():
-        raise ConfigError(f"run folder {run_dir} already holds a run",
-                          fix=f"continue it with continue_from={run_dir} trainer.max_epochs=..., or start a "
-                              "new one with a different name=...")
+    """Never overwrite a run: a finished or interrupted run is continued explicitly, not restarted (training
+    from epoch 0 in its folder would overwrite best.ckpt and metrics.csv)."""
+    found = existing_run_files(run_dir)
+    if not found:
+        return
+    if any((run_dir / CHECKPOINTS_DIR / name).is_file() for name in RESUMABLE_CHECKPOINTS):
+        fix = (f"continue it with continue_from={run_dir} (trainer.max_epochs=... to train longer), or start a "
+               "new one with a different name=...")
+    else:
+        fix = (f"it stopped before its first checkpoint, so there is nothing to continue: remove {run_dir} to "
+               "train it again, or start a new one with a different name=...")
+    raise ConfigError(f"run folder {run_dir} already holds a run ({', '.join(found)})", fix=fix)
 
 
 def build_datamodule(cfg: BaseConfig, prepared: PreparedDataset, folder: Path, input_size: tuple[int, ...]) -> Any:
@@ -217,26 +233,35 @@ def _fit(trainer: Any, module: Any, datamodule: Any, resume_from: Path | None) -
 
 
 def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: ReportFn | None = None,
-          resume_from: Path | None = None, run_dir: Path | None = None, progress: bool = True) -> TrainResult:
+          resume_from: Path | None = None, run_dir: Path | None = None, progress: bool = True,
+          retry: bool = False) -> TrainResult:
     """Plan and preprocess if needed, train one fold, validate it on whole cases.
 
     `resume_from` (a Lightning checkpoint) continues a run with its optimizer, scheduler, epoch and
-    callback state; `run_dir` then names the run folder to continue in.
+    callback state; `run_dir` then names the run folder to continue in, and the run goes on with its own
+    plan and split whatever `prepared` holds (see continue_run.own_prepared). `retry`: the caller owns
+    `run_dir` (a sweep trial run again), so a folder with nothing to resume from is trained from the start
+    instead of refused.
     """
     import lightning as L
 
+    from viseg.continue_run import is_started, own_prepared
     from viseg.prepare import prepare
     from viseg.preprocess import preprocess_dataset
     from viseg.resolve import resolve_config
 
     started = time.perf_counter()
     prepared = prepared or prepare(cfg, progress)
-    cfg = resolve_config(cfg, prepared.plans, prepared.configuration)
     run_dir = run_dir or run_dir_for(cfg, prepared)
-    if resume_from is None:
+    if resume_from is None and not retry:
         _refuse_existing_run(run_dir)
-    _write_run_files(run_dir, cfg, prepared)
+    if resume_from is not None and is_started(run_dir):
+        prepared = own_prepared(cfg, run_dir, prepared)
+    cfg = resolve_config(cfg, prepared.plans, prepared.configuration)
     folder = preprocess_dataset(prepared, cfg.num_processes, progress)
+    # the run folder is written once its data is ready: a failed or killed preprocessing leaves no run behind
+    # (the same command then simply runs again), while any later stop leaves one to continue, never to redo
+    _write_run_files(run_dir, cfg, prepared)
     L.seed_everything(cfg.seed + cfg.fold, workers=True, verbose=False)
     module, input_size = build_module(cfg, prepared)
     datamodule = build_datamodule(cfg, prepared, folder, input_size)

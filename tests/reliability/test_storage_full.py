@@ -112,11 +112,14 @@ def test_disk_filling_mid_sweep_stops_clearly_keeps_every_checkpoint_and_resumes
 
 def test_a_volume_too_small_for_the_sweep_truncates_ray_state_and_resume_still_works(volume: Path,
                                                                                       tmp_path: Path):
-    """Ray writes its experiment state in place: a full disk leaves it empty, and Ray would then restart the
+    """Ray writes its state files in place: a full disk leaves one of them cut, and Ray would then restart the
     experiment with trials that have no config. The resume sets damaged state aside and carries on."""
     mount_tmpfs(volume, "100m", remount=True)  # fold 0's checkpoints fit, Ray's copy of them fills the rest
     experiment = volume / "sweeps" / "small"
+    # 100m is sized for this network (32 first-stage features and SGD, the demo spec's when the size was chosen),
+    # not for the demo spec's narrower one: the disk must fill while Ray copies a checkpoint, cutting its state
     result = sweep("folds=0-1", "trainer.max_epochs=3", "trainer.iterations_per_epoch=2", *TINY, "experiment=small",
+                   "plan.base_num_features=null", "optimizer.type=SGD", "optimizer.lr=0.01",
                    f"storage_path={volume / 'sweeps'}", cwd=tmp_path)
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
     assert_clear_error(result.stdout + result.stderr, "sweep", f"resume={experiment}")
@@ -128,7 +131,10 @@ def test_a_volume_too_small_for_the_sweep_truncates_ray_state_and_resume_still_w
     result = sweep(f"resume={experiment}", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "is damaged" in result.stdout + result.stderr  # the path this test is for was taken
-    assert list((experiment / "damaged_tune_state").glob("experiment_state-*.json"))
+    # which of Ray's state files the full disk cut (or never let it write) varies from run to run: any of them
+    # sends Ray into a restart without configs, so each one counts
+    aside = experiment / "damaged_tune_state"
+    assert (aside.is_dir() and list(aside.iterdir())) or "no readable" in result.stdout + result.stderr
     runs = run_folders(experiment)
     assert sorted(runs) == ["default/fold_0", "default/fold_1"]
     for run in runs.values():

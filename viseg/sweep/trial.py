@@ -2,7 +2,9 @@
 
 Workers never call Hydra: the driver composed and validated every variant and ships it as YAML. A trial
 resumes from the newest checkpoint it can find: its run folder's last.ckpt (written atomically, so always
-complete) when that folder is on this node, else the checkpoint Ray restored into the trial.
+complete; previous.ckpt when last.ckpt is damaged or caught mid-replacement) when that folder is on this node,
+else the checkpoint Ray restored into the trial. A resumed trial goes on with its run's own plan and split,
+never a re-made one (train() sees to it).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from viseg.errors import (
     storage_full,
     unwritable_file,
 )
-from viseg.run_layout import FINISHED_MARKER
+from viseg.run_layout import CHECKPOINTS_DIR, FINISHED_MARKER, LAST_CHECKPOINT
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +47,21 @@ def trial_config(variant_yaml: str, fold: int, params: dict[str, Any], name: str
     return with_params(variant_yaml, params, {"fold": fold, "name": name, "paths": {"results": results}})
 
 
+RUN_IDENTITY = ("plans.json", "splits.json")  # what a run continues with, wherever it continues
+
+
 def _stage_checkpoint(checkpoint_dir: Path) -> str:
-    """A folder holding just last.ckpt for Ray to persist (hard link when possible: no copy)."""
+    """A folder for Ray to persist: last.ckpt and the run's own plan and split, so that a trial continued on
+    another node (from Ray's copy) still trains on its own split (hard links when possible: no copy)."""
     stage = tempfile.mkdtemp(prefix="viseg-ckpt-")
-    source, target = checkpoint_dir / "last.ckpt", Path(stage) / "last.ckpt"
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+    sources = [checkpoint_dir / LAST_CHECKPOINT, *(checkpoint_dir.parent / name for name in RUN_IDENTITY)]
+    for source in sources:
+        if not source.is_file():
+            continue
+        try:
+            os.link(source, Path(stage) / source.name)
+        except OSError:
+            shutil.copy2(source, Path(stage) / source.name)
     return stage
 
 
@@ -67,11 +76,13 @@ def _report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
 
 
 def _resume_checkpoint(run_dir: Path) -> Path | None:
+    """The run folder's newest good checkpoint (last.ckpt, else previous.ckpt), else Ray's copy of the last
+    report, restored into the run folder with the plan and split it was trained with."""
     import ray.tune
 
     from viseg.checkpoints import newest_good_checkpoint
 
-    local = run_dir / "checkpoints" / "last.ckpt"
+    local = run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT
     try:
         found = newest_good_checkpoint(local.parent) if local.parent.is_dir() else None
     except ConfigError as exc:  # both local files damaged: Ray's copy of the last report is the way back
@@ -84,7 +95,10 @@ def _resume_checkpoint(run_dir: Path) -> Path | None:
         return None
     local.parent.mkdir(parents=True, exist_ok=True)
     with checkpoint.as_directory() as folder:
-        copy_atomically(Path(folder) / "last.ckpt", local)
+        for name in RUN_IDENTITY:
+            if (Path(folder) / name).is_file() and not (run_dir / name).is_file():
+                copy_atomically(Path(folder) / name, run_dir / name)
+        copy_atomically(Path(folder) / LAST_CHECKPOINT, local)
     return local
 
 
@@ -101,21 +115,36 @@ def run_trial(config: dict[str, Any], variants: dict[str, str], runs_dir: str) -
         raise
 
 
+def _variant_of(config: dict[str, Any], variants: dict[str, str], runs_dir: str) -> str:
+    """The trial's variant, or a clear error when Ray started a trial that is none of this sweep's: what it
+    does when its experiment state fails to load and it restarts from a param space it did not keep."""
+    variant = config.get("variant")
+    if variant not in variants or config.get("fold") is None:
+        experiment = Path(runs_dir).parent
+        raise ConfigError(f"Ray started a trial with config {config!r}, which is none of this sweep's (variant, "
+                          "fold) trials: its experiment state was lost or damaged",
+                          fix=f"run python -m viseg.sweep resume={experiment} again (a grid rebuilds its trials "
+                              f"from viseg's own state); a search cannot continue: cross_validate={experiment} "
+                              "what it found, or start it again under a new experiment=...")
+    return variant
+
+
 def _train_trial(config: dict[str, Any], variants: dict[str, str], runs_dir: str) -> None:
     import ray.tune
 
     from viseg.prepare import prepare
     from viseg.train import run_dir_for, train
 
-    variant, params = config["variant"], dict(config.get("params") or {})
+    variant, params = _variant_of(config, variants, runs_dir), dict(config.get("params") or {})
     name = variant if not params else f"{variant}-{ray.tune.get_context().get_trial_id()}"
     cfg = trial_config(variants[variant], int(config["fold"]), params, name, runs_dir)
     prepared = prepare(cfg, progress=False)
     run_dir = run_dir_for(cfg, prepared)
     if (run_dir / FINISHED_MARKER).is_file():
         return  # finished before a driver restart: never train it again
+    # retry: the folder is this trial's own; the run goes on with its own plan and split (train() reads them)
     result = train(cfg, prepared=prepared, report=_report, resume_from=_resume_checkpoint(run_dir),
-                   run_dir=run_dir, progress=False)
+                   run_dir=run_dir, progress=False, retry=True)
     final = {f"final/dice_{label}": value for label, value in result.validation["mean_dice_per_class"].items()
              if value is not None}
     # node_id: which Ray node trained the fold (the cluster test checks that trials spread over nodes)

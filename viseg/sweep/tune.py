@@ -89,54 +89,34 @@ def build_tuner(plan: SweepPlan) -> Any:
 def restore_tuner(plan: SweepPlan) -> Any:
     """Errored and unfinished trials continue from their last checkpoint; finished ones are kept.
 
-    Ray overwrites its experiment state in place, so a full disk can leave it empty, and Ray then "restarts"
-    with trials that have no config. Damaged state files are set aside first. A grid sweep needs no Ray state
-    to go on: its trials find their run folders by variant and fold, finished ones return at once and the
-    others continue from their own last.ckpt, so it starts a fresh Tuner. A search cannot: its trials are
-    named after Ray's ids and Optuna's history lives in that state."""
+    Ray restores only what its own state files hold, and when one of them does not load it silently restarts
+    the experiment from a param space it never saved, with trials that have no config. So viseg's own sweep
+    state decides: a grid's param space is rebuilt from the saved plan and handed to Ray (a restart then
+    reruns the same grid), and state Ray cannot read is set aside first. A grid needs no Ray state to go on:
+    its trials find their run folders by variant and fold, finished ones return at once and the others
+    continue from their own checkpoints, so it then starts a fresh Tuner. A search cannot: its trials are
+    named after Ray's ids and Optuna's history lives in that state, so it stops and says what to do."""
     from ray import tune
 
+    from viseg.sweep.ray_state import ASIDE, SweepTrials, set_aside_damaged_state
+
     experiment = plan.experiment_dir
-    damaged = _set_aside_damaged_state(experiment)
+    trials = SweepTrials(variants=list(plan.variants), folds=list(plan.folds), search=bool(plan.search))
+    damaged = set_aside_damaged_state(experiment, trials)
     if damaged is None:
-        return tune.Tuner.restore(str(experiment), trainable(plan), resume_unfinished=True, resume_errored=True)
+        # a search passes none: were Ray to restart it anyway, its trials get no config and fail with a clear
+        # error (sweep/trial.py) instead of silently starting a second search in the same experiment
+        space = None if plan.search else param_space(plan)
+        return tune.Tuner.restore(str(experiment), trainable(plan), param_space=space, resume_unfinished=True,
+                                  resume_errored=True)
     if plan.search:
-        raise ConfigError(f"Ray's search state in {experiment} is damaged ({damaged}), so the search cannot "
-                          "continue where it stopped",
+        raise ConfigError(f"Ray's search state in {experiment} is damaged ({damaged}; set aside in {ASIDE}/), "
+                          "so the search cannot continue where it stopped",
                           fix=f"cross-validate what it found (cross_validate={experiment}) or start the search "
                               "again under a new experiment=...; its finished trials stay in runs/")
     log.warning("Ray's experiment state in %s is damaged (%s); the trials continue from their run folders "
                 "(finished ones are kept, the others resume from their last checkpoint)", experiment, damaged)
     return build_tuner(plan)
-
-
-def _set_aside_damaged_state(experiment: Path) -> str | None:
-    """None when Ray can restore from the folder; else why not, after moving the damaged files into
-    `damaged_tune_state/` (kept for inspection, out of Ray's way)."""
-    damaged = [path for path in experiment.glob("experiment_state-*.json") if not _parses_as_json(path)]
-    tuner = experiment / "tuner.pkl"
-    if tuner.is_file() and tuner.stat().st_size == 0:
-        damaged.append(tuner)
-    if damaged:
-        aside = experiment / "damaged_tune_state"
-        aside.mkdir(exist_ok=True)
-        for path in damaged:
-            path.replace(aside / path.name)
-    if not tuner.is_file():
-        return f"no tuner.pkl{'' if not damaged else ', ' + ', '.join(p.name for p in damaged) + ' unreadable'}"
-    if not any(experiment.glob("experiment_state-*.json")):
-        return f"no readable experiment_state-*.json ({len(damaged)} unreadable, set aside)"
-    return None
-
-
-def _parses_as_json(path: Path) -> bool:
-    import json
-
-    try:
-        json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def error_message(error: BaseException) -> str:
