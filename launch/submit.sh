@@ -18,7 +18,8 @@ Options (before the sweep arguments):
   -h, --help           this text
 
 Paths in SWEEP_ARGS are read on the cluster, in a temporary copy of the checkout: give absolute paths
-on storage every node shares for storage_path=, paths.cache= and dataset.basepath=.
+on storage every node shares for storage_path=, paths.cache= and dataset.basepath=. storage_path= must be
+a mounted path, not a URI (s3://, gs://, ...): trials write their run folders with plain file I/O.
 
 Token authentication: RAY_AUTH_MODE=token is exported when a token is found (RAY_AUTH_TOKEN,
 RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), unless RAY_AUTH_MODE is set already.
@@ -50,13 +51,22 @@ fi
 # Relative paths in launch/runtime_env.yaml and `--working-dir .` mean the checkout, wherever this is run from.
 cd "$(dirname "$0")/.."
 
+# A URI would leave every trial's run folder on its own node's disk: refuse it before anything is uploaded.
+for arg in "$@"; do
+    if [[ "$arg" =~ ^storage_path=[A-Za-z][A-Za-z0-9+.-]*:// && "$arg" != storage_path=file://* ]]; then
+        echo "submit.sh: error: $arg is a URI; storage_path= must be a path every node mounts (NFS, EFS," \
+            "Lustre, ...), e.g. storage_path=/mnt/shared/sweeps" >&2
+        exit 2
+    fi
+done
+
 # The job's arguments are read on the head node, in a temporary copy of the checkout: a relative results or
 # cache folder would end up there (and differ between nodes), so say so before anything is uploaded.
 case " $* " in
     *" resume="*|*" summary="*|*" dry_run=true "*) ;;
     *)
         for key in storage_path paths.cache; do
-            [[ " $* " == *" $key=/"* || " $* " == *" $key="*"://"* ]] || echo "submit.sh: warning: no absolute" \
+            [[ " $* " == *" $key=/"* || " $* " == *" $key=file:///"* ]] || echo "submit.sh: warning: no absolute" \
                 "$key=...: the job would write it inside its temporary working directory on the head node;" \
                 "give a path on shared storage" >&2
         done

@@ -27,8 +27,8 @@ _HOST_CHARS = re.compile(r"[^A-Za-z0-9-]+")
 
 def _writer_tag() -> str:
     """`<host>.<random>.<pid>`: unique across the hosts that share a folder (a sweep's storage_path on NFS), where
-    pids alone collide, and unguessable, so nobody can plant a file at the name in advance. The pid stays
-    last before `.tmp`: the preprocessing cache reads it there to remove the leftovers of dead writers."""
+    pids alone collide, and unguessable, so nobody can plant a file at the name in advance. (The preprocessing
+    cache removes leftovers under its folder lock, whoever wrote them, so nothing parses these names.)"""
     host = _HOST_CHARS.sub("-", socket.gethostname())[:32] or "host"
     return f"{host}.{secrets.token_hex(4)}.{os.getpid()}"
 

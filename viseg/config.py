@@ -7,6 +7,7 @@ composition time, before any work starts. This is the only module that knows Hyd
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,26 @@ from viseg.run_layout import WEIGHTS, WEIGHTS_HELP
 from viseg.schedulers import METRIC_SCHEDULERS, SCHEDULERS
 
 OPTIMIZERS = ("SGD", "AdamW")
+_PARENT_KEYS = {"name": "paths.results", "experiment": "storage_path"}  # where each name goes
+
+
+def check_folder_name(key: str, value: object) -> str:
+    """`value` as one folder name: `name=` becomes a folder under paths.results and `experiment=` one under
+    storage_path, so a separator, `..` or a leading dot (`.`, `..`, a hidden folder) would put the run (and
+    everything it writes and deletes) somewhere else, and an empty name would write into the parent itself.
+    Returns the value; raises ConfigError naming the key."""
+    text = "" if value is None else str(value)
+    separators = {"/", "\\", os.sep, *([os.altsep] if os.altsep else [])}
+    problem = ("is empty" if not text.strip() else
+               "holds a path separator" if any(s in text for s in separators) else
+               "starts with a dot" if text.startswith(".") else
+               "holds '..'" if ".." in text else
+               "holds a NUL byte or line break" if any(c in text for c in "\0\n\r") else None)
+    if problem is not None:
+        raise ConfigError(f"{key}={text!r} {problem}: it names one folder and may not point anywhere else",
+                          fix=f"use a plain folder name such as {key}=my_run; choose the folder it goes in with "
+                              f"{_PARENT_KEYS.get(key, 'the path settings')}")
+    return text
 
 
 @dataclass
@@ -305,6 +326,7 @@ class BaseConfig:
     continue_from: str | None = None  # a run folder to resume (replaces ClearML's continue_task_id)
 
     def __post_init__(self) -> None:
+        check_folder_name("name", self.name)
         self._check_fold()
         self._check_plan_values()
 

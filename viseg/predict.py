@@ -10,8 +10,11 @@ window, test-time mirroring along the axes training mirrored) -> softmax average
 with the input's affine and header. The Python API (`load_ensemble`, `predict_case`) serves model selection,
 which predicts validation cases without the command line.
 
-A case that cannot be read or is named wrongly fails alone: the others are predicted, the failures are
-listed at the end and the exit status is 1. Errors about the model itself stop before any case (status 2).
+Each case's inputs are checked before its voxels are read (`check_case_headers`: readable, a size the file
+can hold and memory allows, dimensions, channels, spacing), then for NaN and infinite voxels. A case that fails
+in any way, a MemoryError or a bug included, fails alone: the others are predicted, the failures are listed at
+the end (naming the case and its files) and the exit status is 1. Errors about the model itself stop before any
+case (status 2).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from viseg.config import PredictConfig
-from viseg.errors import ConfigError, DatasetError, VisegError
+from viseg.errors import ConfigError, DatasetError, VisegError, is_storage_full
 from viseg.run_layout import describe_weights
 
 if TYPE_CHECKING:
@@ -70,16 +73,17 @@ def ensemble_probabilities(ensemble: Ensemble, data: np.ndarray, options: Infere
 
 
 def predict_case(ensemble: Ensemble, image: np.ndarray, spacing: tuple[float, ...],
-                 options: InferenceOptions | None = None) -> np.ndarray:
+                 options: InferenceOptions | None = None, case_id: str = "") -> np.ndarray:
     """(C, Z, Y, X) image with its (z, y, x) spacing -> (K, Z, Y, X) float32 class probabilities in the
-    image's own geometry. Class k is label value `ensemble.label_values[k]`."""
+    image's own geometry. Class k is label value `ensemble.label_values[k]`; `case_id` names it in errors."""
     from viseg.export import revert_geometry
     from viseg.preprocess import preprocess_case
 
     if image.shape[0] != ensemble.plans.num_channels:
         raise DatasetError(f"image has {image.shape[0]} channel(s); the model takes {ensemble.plans.num_channels}",
                            fix="pass the channels in dataset.json's channel_names order")
-    data, _, properties = preprocess_case(image, None, spacing, ensemble.plans, ensemble.configuration)
+    data, _, properties = preprocess_case(image, None, spacing, ensemble.plans, ensemble.configuration,
+                                          case_id=case_id)
     probabilities = ensemble_probabilities(ensemble, data, options or InferenceOptions())
     return revert_geometry(probabilities, properties, ensemble.plans, ensemble.configuration)
 
@@ -105,17 +109,14 @@ def check_postprocessing(postprocessing: Postprocessing | None, ensemble: Ensemb
                           fix="list only predicted label values in largest_component_labels")
 
 
-def _check_channel_file(ensemble: Ensemble, case_input: CaseInput) -> None:
-    """A Decathlon-layout file must hold exactly the model's channels (reading checks only that it has them)."""
-    from viseg.data.io import read_header
-
-    case = case_input.case
-    if ensemble.pathfinder != "decathlon" or case is None:
-        return
-    found = read_header(case.images[0].path).num_channels
-    if found != ensemble.plans.num_channels:
-        raise DatasetError(f"{case.images[0].path} holds {found} channel(s); the model takes "
-                           f"{ensemble.plans.num_channels}", fix="pass files with the training data's channels")
+def _check_finite(case_input: CaseInput, image: np.ndarray) -> None:
+    """NaN or infinite voxels would spread through normalisation into every window that touches them."""
+    for channel, source in enumerate(case_input.case.images if case_input.case else ()):
+        bad = int(np.count_nonzero(~np.isfinite(image[channel])))
+        if bad:
+            raise DatasetError(f"{source.path}: channel {channel} has {bad} NaN or infinite voxel(s) of "
+                               f"{image[channel].size}", fix="fix the export (or replace the voxels with a valid "
+                               "intensity)")
 
 
 def predict_one(ensemble: Ensemble, case_input: CaseInput, output: Path, options: InferenceOptions,
@@ -123,12 +124,14 @@ def predict_one(ensemble: Ensemble, case_input: CaseInput, output: Path, options
     """Read, predict and write one case; returns the label file. Input problems raise DatasetError."""
     from viseg.data.io import read_case
     from viseg.export import write_probabilities, write_segmentation
+    from viseg.predict_inputs import check_case_headers
 
     if case_input.case is None:
         raise DatasetError(case_input.problem or f"case {case_input.case_id} cannot be read")
-    _check_channel_file(ensemble, case_input)
+    check_case_headers(case_input.case, ensemble.plans.num_channels)
     arrays = read_case(case_input.case, with_label=False)
-    probabilities = predict_case(ensemble, arrays.image, arrays.spacing, options)
+    _check_finite(case_input, arrays.image)
+    probabilities = predict_case(ensemble, arrays.image, arrays.spacing, options, case_input.case_id)
     target = output / f"{case_input.case_id}{ensemble.file_ending}"
     write_segmentation(segment(probabilities, ensemble.label_values, postprocessing),
                        case_input.case.images[0].path, target)
@@ -140,7 +143,11 @@ def predict_one(ensemble: Ensemble, case_input: CaseInput, output: Path, options
 def predict_cases(ensemble: Ensemble, cases: list[CaseInput], output: Path, options: InferenceOptions,
                   postprocessing: Postprocessing | None = None, save_probabilities: bool = False,
                   progress: bool = True) -> PredictionReport:
-    """Every case in turn; a case whose input is bad is reported (naming its file) and skipped."""
+    """Every case in turn; a case that fails, for whatever reason, is reported (naming its files) and skipped.
+
+    Any Exception, not only VisegError: a MemoryError (a huge case), a library's error on an exotic file or a
+    bug hit by one case must not cost the other cases of the folder. A full disk, KeyboardInterrupt and SystemExit
+    still stop the command. The traceback of an unexpected error goes to the debug log."""
     from tqdm.auto import tqdm
 
     output.mkdir(parents=True, exist_ok=True)
@@ -148,12 +155,25 @@ def predict_cases(ensemble: Ensemble, cases: list[CaseInput], output: Path, opti
     for case_input in tqdm(cases, desc="Predicting", unit="case", disable=not progress):
         try:
             predict_one(ensemble, case_input, output, options, postprocessing, save_probabilities)
-        except VisegError as exc:
-            report.failures[case_input.case_id] = str(exc)
-            tqdm.write(f"viseg predict: {case_input.case_id} failed: {exc}", file=sys.stderr)
+        except Exception as exc:
+            if is_storage_full(exc):  # no later case could be written either: stop, naming the file
+                raise
+            message = str(exc) if isinstance(exc, VisegError) else _unexpected(case_input, exc)
+            report.failures[case_input.case_id] = message
+            tqdm.write(f"viseg predict: {case_input.case_id} failed: {message}", file=sys.stderr)
             continue
         report.predicted.append(case_input.case_id)
     return report
+
+
+def _unexpected(case_input: CaseInput, exc: Exception) -> str:
+    """An error viseg did not foresee, with the files it happened on, so that the case can be looked at."""
+    log.debug("case %s failed", case_input.case_id, exc_info=exc)
+    files = [str(s.path) for s in case_input.case.images] if case_input.case else []
+    what = "out of memory while predicting" if isinstance(exc, MemoryError) else "unexpected error while predicting"
+    return (f"{', '.join(files) or case_input.case_id}: {what}: {type(exc).__name__}: {exc}\n  fix: "
+            + ("free memory or predict this case on a larger machine" if isinstance(exc, MemoryError) else
+               "check the file by hand; if it opens elsewhere, report this as a viseg bug with this message"))
 
 
 def _describe(ensemble: Ensemble, cfg: PredictConfig, postprocessing: Postprocessing | None) -> None:

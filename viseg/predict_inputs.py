@@ -2,8 +2,10 @@
 
 nnU-Net layout: one file per channel, `<case>_<XXXX><ending>` (imagesTr / imagesTs naming). Decathlon
 layout: one (4D when multi-channel) file per case. A case that cannot be predicted as named (a channel
-missing or extra, a file outside the naming) becomes a `CaseInput` with a problem naming the file, so that
-the other cases are still predicted and the failures are reported together at the end.
+missing or extra, a file outside the naming, two files for one case) becomes a `CaseInput` with a problem
+naming the file(s), so that the other cases are still predicted and the failures are reported together at the
+end. Before a case is read, `check_case_headers` checks what its headers show (readable, size, dimensions,
+channels, spacing): the checks verification runs on training data, which prediction inputs never went through.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from viseg.data.dataset import Case, ImageSource
-from viseg.errors import ConfigError
+from viseg.errors import ConfigError, DatasetError
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -54,12 +58,28 @@ def find_cases(spec: str, channel_names: tuple[str, ...], pathfinder: str = "nnu
     """The cases in `input=`, sorted by id; files that do not exist are reported as their case's problem."""
     files = input_files(spec)
     if pathfinder == "decathlon":
-        return [_single_file_case(path, len(channel_names)) for path in files]
+        return _single_file_cases(files, len(channel_names))
     return _channel_file_cases(files, channel_names)
 
 
-def _single_file_case(path: Path, num_channels: int) -> CaseInput:
-    case_id = strip_nifti_ending(path.name) or path.name
+def _single_file_cases(files: list[Path], num_channels: int) -> list[CaseInput]:
+    """One case per file; two files with one case id (`a.nii` and `a.nii.gz`, or the same name in two listed
+    folders) would write the same `<case>` output, the second over the first: the case fails, naming both."""
+    by_case: dict[str, list[Path]] = defaultdict(list)
+    for path in files:
+        by_case[strip_nifti_ending(path.name) or path.name].append(path)
+    cases = []
+    for case_id, paths in sorted(by_case.items()):
+        if len(paths) > 1:
+            cases.append(CaseInput(case_id, problem=f"case {case_id}: several input files "
+                                   f"{[str(p) for p in paths]} have this case id, and each would write the same "
+                                   "output; keep one (or rename the others)"))
+        else:
+            cases.append(_single_file_case(case_id, paths[0], num_channels))
+    return cases
+
+
+def _single_file_case(case_id: str, path: Path, num_channels: int) -> CaseInput:
     if not path.is_file():
         return CaseInput(case_id, problem=f"{path} does not exist")
     channels = tuple(ImageSource(path, c if num_channels > 1 else None) for c in range(num_channels))
@@ -106,3 +126,34 @@ def _channel_case(case_id: str, channels: dict[int, list[Path]], channel_names: 
         return CaseInput(case_id, problem=f"case {case_id}: {absent[0]} does not exist")
     sources = tuple(ImageSource(channels[c][0]) for c in range(expected))
     return CaseInput(case_id, case=Case(case_id, sources, label=None))
+
+
+def check_case_headers(case: Case, num_channels: int) -> None:
+    """What the headers of a case's files must show before its voxels are read, as verification checks
+    training data: readable, a claimed size the file can hold and memory allows (viseg.data.io), one 3D volume
+    per channel file or a 4D file with exactly the model's channels, valid spacings, one grid for all files.
+    Raises DatasetError naming the file."""
+    from viseg.data.io import VolumeHeader, read_header
+
+    headers: dict[Path, VolumeHeader] = {}
+    for source in case.images:
+        if source.path not in headers:
+            headers[source.path] = read_header(source.path)
+    for path, header in headers.items():
+        four_d = any(s.channel_index is not None for s in case.images if s.path == path)
+        expected = (f"a 4D volume of {num_channels} channels" if four_d else "one 3D volume (one file per channel, "
+                    "_0000, _0001, ...)" if num_channels > 1 else "one 3D volume")
+        if len(header.shape_zyx) != 3 or header.num_channels != (num_channels if four_d else 1):
+            found = f"{len(header.shape_zyx) + (header.num_channels > 1)}D, shape (z, y, x) {header.shape_zyx}" + (
+                f" x {header.num_channels} channels" if header.num_channels > 1 else "")
+            raise DatasetError(f"{path} is {found}; the model takes {expected}",
+                               fix="pass files with the training data's channels and dimensions")
+        spacing = np.asarray(header.spacing_zyx, dtype=np.float64)
+        if not (np.all(np.isfinite(spacing)) and np.all(spacing > 0)):
+            raise DatasetError(f"{path} has spacing (z, y, x) {header.spacing_zyx}; every spacing must be a "
+                               "positive finite number of mm", fix="write the voxel size (pixdim) into the header")
+    first, *others = headers.items()
+    for path, header in others:
+        if header.shape_zyx != first[1].shape_zyx:
+            raise DatasetError(f"case {case.case_id}: {path} has shape (z, y, x) {header.shape_zyx} but {first[0]} "
+                               f"has {first[1].shape_zyx}", fix="resample every channel to the same voxel grid")

@@ -12,24 +12,35 @@ The cache holds one folder per (dataset, preprocessing-relevant part of the plan
         <case>_data.npy     float32 (C, Z, Y, X)
         <case>_seg.npy      int16 (1, Z, Y, X): original label values, -1 outside the nonzero mask
         <case>_fg.npz       foreground locations for oversampling, keys 'class_<label value>'
-        <case>.json         CaseProperties, file sizes and the folder hash; written LAST
+        <case>.json         CaseProperties, file sizes, blake2b digests and the folder hash; written LAST
+        .lock               held by the one process writing into the folder
 
 Only what changes the arrays enters the hash, so plans differing in patch or batch size share a folder.
 Every file is written under a temporary name and renamed, and the marker comes last: a killed run never
 leaves a case that looks complete.
+
+Writers take the folder's lock (`filelock`: flock(2) on the lock file), so two processes, on one node or on
+two, never preprocess into one folder at once: the second waits, then finds the cases done. Only the lock
+holder removes temporary files, and every temporary file it finds is a dead writer's. Over NFS flock works
+where the client has lock support (NFSv4, or v3 with lockd: not `nolock` or `local_lock=all` mounts);
+Lustre needs its `flock` mount option. Where flock is missing, filelock 4 falls back to a lock file created
+with O_EXCL, which a SIGKILLed writer leaves behind (delete `.lock` by hand once no preprocessing runs).
+The digests are checked only on the locked path, never on the lock-free one every trial takes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+from filelock import FileLock, Timeout
 from scipy.ndimage import binary_fill_holes
 
 from viseg.atomic import write_atomically
@@ -39,7 +50,7 @@ from viseg.jsonio import read_json, write_json_atomic
 from viseg.labels import class_labels
 from viseg.parallel import parallel_map
 from viseg.plans import Plans
-from viseg.resampling import compute_new_shape, resample_image, resample_segmentation
+from viseg.resampling import check_resampled_size, compute_new_shape, resample_image, resample_segmentation
 
 if TYPE_CHECKING:
     from viseg.prepare import PreparedDataset
@@ -178,6 +189,7 @@ def preprocess_case(image: np.ndarray, label: np.ndarray | None, spacing: tuple[
     if len(target) < len(current_spacing):
         target = [current_spacing[0], *target]
     new_shape = compute_new_shape(shape_after_crop, current_spacing, target)
+    check_resampled_size(case_id, shape_after_crop, new_shape, data.shape[0], spacing, plan.spacing)
     data = normalize(data, seg_or_mask, plan.normalization_schemes, plan.use_mask_for_norm,
                      plans.foreground_intensity_properties_per_channel)
     r = plan.resampling
@@ -247,21 +259,40 @@ def _case_files(case_id: str) -> list[str]:
     return [f"{case_id}_data.npy", f"{case_id}_seg.npy", f"{case_id}_fg.npz"]
 
 
-def is_case_complete(folder: Path, case_id: str) -> bool:
-    """The marker exists, parses, belongs to this folder's hash and every file has the recorded size."""
+LOCK_FILE = ".lock"
+DIGEST_CHUNK = 2**22
+
+
+def file_digest(path: Path) -> str:
+    """blake2b of a file's content: hashlib's fastest strong hash, about a second per GB on one core."""
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        while chunk := handle.read(DIGEST_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_case_complete(folder: Path, case_id: str, verify: bool = False) -> bool:
+    """The marker exists, parses, belongs to this folder's hash, records a digest for every file, and every
+    file has the recorded size; with `verify`, also the recorded content (the files are not fsynced, so a
+    crash of the machine can leave one of the right size holding zeros)."""
     try:
         marker = read_json(folder / f"{case_id}.json")
         if marker["folder_hash"] != folder.name.rsplit("-", 1)[-1]:
             return False
-        sizes = marker["file_sizes"]
-        return all((folder / name).stat().st_size == sizes[name] for name in _case_files(case_id))
+        sizes, digests = marker["file_sizes"], marker["file_blake2b"]
+        names = _case_files(case_id)
+        if not all((folder / name).stat().st_size == sizes[name] and isinstance(digests[name], str)
+                   for name in names):
+            return False
+        return not verify or all(file_digest(folder / name) == digests[name] for name in names)
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
 def _write_atomic(path: Path, write) -> int:
     """`write(handle)` into a temp file beside `path`, then rename; returns the size. No fsync: the marker
-    (written with fsync, after these) records the sizes, so a file truncated by a crash is detected."""
+    (written with fsync, after these) records the sizes and digests, so a file damaged by a crash is found."""
     def fill(tmp: Path) -> None:
         with tmp.open("wb") as handle:
             write(handle)
@@ -297,24 +328,22 @@ def preprocess_and_save(job: CaseJob) -> str:
         names[2]: _write_atomic(job.folder / names[2],
                                 lambda f: np.savez(f, **{f"class_{k}": v for k, v in locations.items()})),
     }
+    digests = {name: file_digest(job.folder / name) for name in names}  # still in the page cache: cheap
     write_json_atomic(job.folder / f"{job.case.case_id}.json",
                       {"folder_hash": job.folder.name.rsplit("-", 1)[-1], "file_sizes": sizes,
-                       "properties": properties.to_dict()})
+                       "file_blake2b": digests, "properties": properties.to_dict()})
     return job.case.case_id
 
 
-def _remove_stale_temp_files(folder: Path) -> None:
-    """Temp files of killed runs (their pid, in the name, is gone); a live run's are left alone."""
-    for tmp in folder.glob(".*.tmp"):
-        pid = tmp.name.rsplit(".", 2)[-2]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except PermissionError:  # alive, someone else's
-            pass
+def _remove_temp_files(folder: Path) -> None:
+    """Temporary files of writers that died: called only while holding the folder's lock, when no other
+    writer can exist, so every one found is a leftover (whichever node, whichever pid wrote it)."""
+    for tmp in [*folder.glob(".*.tmp"), *folder.glob(".*.tmp.*")]:
+        tmp.unlink(missing_ok=True)
+
+
+def folder_lock(folder: Path) -> FileLock:
+    return FileLock(str(folder / LOCK_FILE))
 
 
 def _write_manifest(folder: Path, inputs: dict[str, Any]) -> None:
@@ -329,22 +358,46 @@ def _write_manifest(folder: Path, inputs: dict[str, Any]) -> None:
 
 def preprocess_dataset(prepared: PreparedDataset, num_processes: int | None = None, progress: bool = True) -> Path:
     """Preprocess every case of a PreparedDataset that is not already complete in the cache; returns the
-    folder. A second call finds everything complete and does no work."""
+    folder. A second call finds everything complete and does no work.
+
+    The fast path (every marker present, every size right) reads no array and takes no lock: it is what
+    each trial of a sweep runs after the driver preprocessed. Anything less, and the folder's lock is taken
+    and every case is checked again, this time against its digests, before the missing ones are written."""
     folder = preprocessed_dir(prepared)
-    todo = [c for c in prepared.cases if not is_case_complete(folder, c.case_id)]
-    done = len(prepared.cases) - len(todo)
-    if not todo:
-        log.info("%d cases already preprocessed in %s", done, folder)
+    if all(is_case_complete(folder, c.case_id) for c in prepared.cases):
+        log.info("%d cases already preprocessed in %s", len(prepared.cases), folder)
         return folder
-    if done:
-        log.info("%d cases already preprocessed, %d to do, in %s", done, len(todo), folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_files(folder)
-    _write_manifest(folder, cache_inputs(prepared.plans, prepared.configuration))
-    jobs = [CaseJob(case, prepared.plans, prepared.configuration, folder) for case in todo]
-    parallel_map(preprocess_and_save, jobs, num_processes=num_processes, desc="Preprocessing", progress=progress)
+    with _locked(folder):
+        todo = [c for c in prepared.cases if not is_case_complete(folder, c.case_id, verify=True)]
+        done = len(prepared.cases) - len(todo)
+        if not todo:  # another process finished them while this one waited for the lock
+            log.info("%d cases already preprocessed in %s", done, folder)
+            return folder
+        if done:
+            log.info("%d cases already preprocessed, %d to do, in %s", done, len(todo), folder)
+        _remove_temp_files(folder)
+        _write_manifest(folder, cache_inputs(prepared.plans, prepared.configuration))
+        jobs = [CaseJob(case, prepared.plans, prepared.configuration, folder) for case in todo]
+        parallel_map(preprocess_and_save, jobs, num_processes=num_processes, desc="Preprocessing",
+                     progress=progress)
     log.info("preprocessed %d cases into %s", len(todo), folder)
     return folder
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """The folder's lock, saying so when another process holds it (it may be preprocessing for hours)."""
+    lock = folder_lock(folder)
+    try:
+        lock.acquire(timeout=1)
+    except Timeout:
+        log.info("waiting for another process preprocessing into %s (it holds %s)", folder, folder / LOCK_FILE)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def load_case(folder: Path, case_id: str, mmap: bool = True

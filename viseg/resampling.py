@@ -21,6 +21,8 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 from skimage.transform import resize
 
+from viseg.errors import DatasetError
+
 # nnU-Net's ANISO_THRESHOLD: above this max/min spacing ratio the out-of-plane axis is resampled separately.
 ANISO_THRESHOLD = 3.0
 
@@ -33,6 +35,35 @@ def compute_new_shape(shape: Sequence[int], spacing: Spacing, new_spacing: Spaci
         raise ValueError(f"shape {tuple(shape)}, spacing {tuple(spacing)} and new spacing {tuple(new_spacing)} "
                          "must have the same number of axes")
     return tuple(int(round(s / n * d)) for s, n, d in zip(spacing, new_spacing, shape))
+
+
+def check_resampled_size(case: str, shape: Sequence[int], new_shape: Sequence[int], num_channels: int,
+                         header_spacing: Spacing, target_spacing: Spacing) -> None:
+    """Refuse a case whose resampled float32 array (all channels) exceeds VISEG_MAX_IMAGE_GB, before it is
+    allocated. The same budget as for reading a volume (viseg.data.io), so one setting bounds both. A spacing
+    written in cm where mm is meant (or m) is 10x (1000x) too large per axis: the case grows 1000x (10^9x) at
+    resampling, and without this check the process dies of memory instead of naming the case. The actual
+    peak is about three times the array (resampling works in float64, one channel at a time)."""
+    from viseg.data.io import MAX_IMAGE_GB_VARIABLE, max_image_bytes
+
+    voxels = int(np.prod([int(n) for n in new_shape], dtype=np.float64))
+    needed = num_channels * voxels * np.dtype(np.float32).itemsize
+    budget = max_image_bytes()
+    if needed <= budget:
+        return
+    growth = voxels / max(int(np.prod([int(n) for n in shape], dtype=np.float64)), 1)
+    raise DatasetError(
+        f"case {case or '(unnamed)'}: its header spacing (z, y, x) {_mm(header_spacing)} mm resampled to the "
+        f"plan's target spacing {_mm(target_spacing)} mm turns shape {tuple(int(n) for n in shape)} into "
+        f"{tuple(int(n) for n in new_shape)} ({growth:.3g}x the voxels, {needed / 2**30:.3g} GiB as float32), "
+        f"more than the {budget / 2**30:.3g} GiB one volume may take ({MAX_IMAGE_GB_VARIABLE})",
+        fix="check the voxel size (pixdim) and its unit in the header: viseg reads spacings in mm, and a spacing "
+            "written in cm or m grows a case 10x or 1000x per axis; if the case really is this large, raise "
+            f"{MAX_IMAGE_GB_VARIABLE}")
+
+
+def _mm(spacing: Spacing) -> list[float]:
+    return [float(f"{float(s):.4g}") for s in spacing]
 
 
 def get_do_separate_z(spacing: Spacing, threshold: float = ANISO_THRESHOLD) -> bool:

@@ -239,7 +239,13 @@ class DefaultNNUnetFormatPathFinder(PathFinder):
             return
         for path in sorted(labels_dir.iterdir()):
             stem = _strip_nifti_ending(path.name)
-            if stem is not None and stem not in case_ids:
+            if (stem is not None and stem in case_ids and path.name != f"{stem}{ending}"
+                    and (labels_dir / f"{stem}{ending}").exists()):
+                # e.g. a.nii beside a.nii.gz: which one is the label is anybody's guess
+                self._problem("duplicate-case", f"case {stem} has a second label file {path.name} beside "
+                              f"{stem}{ending} (file_ending {ending})", f"keep only {stem}{ending}",
+                              case=stem, file=path)
+            elif stem is not None and stem not in case_ids:
                 self._problem("orphan-label", f"label {path.name} has no image", "add its image or remove it",
                               case=stem, file=path, severity="warning")
 
@@ -297,8 +303,12 @@ class DecathlonPathFinder(PathFinder):
             if case is None:
                 continue
             if case.case_id in cases:
-                self._problem("duplicate-case", f"case {case.case_id} is listed twice in 'training'",
-                              "remove the duplicate entry", case=case.case_id, file=info.dataset_json)
+                first, second = cases[case.case_id].images[0].path, case.images[0].path
+                files = f"{first}" if first == second else f"{first} and {second}"
+                self._problem("duplicate-case", f"case {case.case_id} is listed twice in 'training' ({files}): "
+                              "both would be one case, the second hiding the first",
+                              "remove one of the entries (a.nii and a.nii.gz are the same case id)",
+                              case=case.case_id, file=info.dataset_json)
                 continue
             cases[case.case_id] = case
         return [cases[k] for k in sorted(cases)]

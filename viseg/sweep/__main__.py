@@ -23,7 +23,8 @@ Sweep settings (a sweep spec in sweeps/<name>.yaml may set them; the command lin
   resources.cpu=1 resources.gpu=0.5   per trial (fractional GPUs share a device)
   max_concurrent_trials=N  max_failures=2  checkpoints_to_keep=2  num_samples=8
   search.folds=[0]  search.scheduler=asha  search.metric=val/ema_pseudo_dice
-  storage_path=results/sweeps    any path or URI Ray accepts (shared filesystem, s3://...)
+  storage_path=results/sweeps    a folder; on a cluster one mounted at the same path on every node
+                                 (NFS, EFS, Lustre, ...); URIs such as s3:// are refused
   experiment=<name>              default: derived from dataset, config and axes (deterministic)
   dry_run=true                   print the trial table and exit
   resume=<experiment path>       continue a stopped sweep: unfinished and errored trials resume from

@@ -10,7 +10,8 @@ Then, as nnU-Net: the two best variants are also ensembled (their probabilities 
 candidate wins, and for each of its labels keeping only the largest connected component is adopted when it
 raises that label's mean Dice. Everything lands in `<experiment>/selection/`:
 
-    predictions/<variant>/<case>.npz   cross-validation probabilities (float16); reused by a second call
+    predictions/<variant>/<case>.npz   cross-validation probabilities (float16) and what produced them;
+                                       reused by a second call only when that is unchanged
     best.json                          every candidate's Dice per label, the winner, postprocessing, command
     postprocessing.json                read by `python -m viseg.predict` (also put in the winning variant's
                                        folder, where `model=<experiment> variant=<v>` finds it by itself)
@@ -18,8 +19,10 @@ raises that label's mean Dice. Everything lands in `<experiment>/selection/`:
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
+import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,31 +90,58 @@ def _validation_cases(run_dir: Path, fold: int) -> tuple[list[Any], Any]:
     return cases, cfg
 
 
+def prediction_key(checkpoint_file: Path, checkpoint: str, mirror_axes: tuple[int, ...] | None,
+                   step: float) -> dict[str, Any]:
+    """What a cached prediction depends on besides the case: the weights file as it is now (path, size and
+    mtime change when training continues or the file is replaced), the weights choice, the axes mirrored
+    (none without mirroring) and the sliding-window step. Identity rather than a hash of the file: hashing
+    every fold's checkpoint on each call would cost more than a small sweep's predictions."""
+    stat = checkpoint_file.stat()
+    return {"checkpoint_file": str(checkpoint_file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "weights": checkpoint, "mirror_axes": None if mirror_axes is None else list(mirror_axes),
+            "step": float(step)}
+
+
+def cached_key(path: Path) -> dict[str, Any] | None:
+    """The key stored inside a cached .npz (None for a missing, unreadable or key-less file: predict again).
+    Inside the archive, not beside it, so that predictions and key are replaced together by one rename."""
+    try:
+        with np.load(path) as archive:
+            return json.loads(str(archive["key"])) if "key" in archive.files else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
 def predict_validation(variant: str, folds: dict[int, Path], out_dir: Path, checkpoint: str, mirror: bool,
                        references: dict[str, np.ndarray], progress: bool) -> tuple[int, ...]:
-    """Full-resolution probabilities of every validation case of every fold, cached as .npz per case."""
+    """Full-resolution probabilities of every validation case of every fold, cached as .npz per case; a
+    cached case is reused only when its key (prediction_key) matches the one this call would use."""
     from tqdm.auto import tqdm
 
     from viseg.data.io import read_case
-    from viseg.ensemble import load_ensemble
+    from viseg.ensemble import checkpoint_path, load_ensemble
     from viseg.predict import InferenceOptions, predict_case
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    options = InferenceOptions(mirror=mirror)
     label_values: tuple[int, ...] = ()
     for fold, run_dir in sorted(folds.items()):
         cases, _ = _validation_cases(run_dir, fold)
         ensemble = load_ensemble([run_dir], checkpoint)
         label_values = ensemble.label_values
+        key = prediction_key(checkpoint_path(run_dir, checkpoint), checkpoint,
+                             tuple(ensemble.mirror_axes) if mirror else None, options.step)
+        stored = json.dumps(key, sort_keys=True)
         for case in tqdm(cases, desc=f"{variant} fold {fold}", unit="case", disable=not progress):
             target = out_dir / f"{case.case_id}.npz"
             if case.case_id not in references:
                 references[case.case_id] = read_case(case).label
-            if target.is_file():
+            if cached_key(target) == key:
                 continue
             arrays = read_case(case, with_label=False)
-            probabilities = predict_case(ensemble, arrays.image, arrays.spacing, InferenceOptions(mirror=mirror))
-            write_atomically(target, lambda tmp, p=probabilities: np.savez_compressed(
-                tmp, probabilities=p.astype(np.float16)), keep_ending=True)
+            probabilities = predict_case(ensemble, arrays.image, arrays.spacing, options)
+            write_atomically(target, lambda tmp, p=probabilities, k=stored: np.savez_compressed(
+                tmp, probabilities=p.astype(np.float16), key=np.array(k)), keep_ending=True)
     return label_values
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from viseg.config import check_folder_name
 from viseg.errors import ConfigError
 from viseg.run_layout import WEIGHTS, WEIGHTS_HELP
 
@@ -58,7 +59,7 @@ class SweepConfig:
     config_name: str = "anatomy_config"
     folds: Any = "0-4"
     experiment: str | None = None  # experiment name; default derived from dataset, config and axes
-    storage_path: str = "results/sweeps"  # any path or URI Ray accepts (shared filesystem, s3://...)
+    storage_path: str = "results/sweeps"  # a path every node mounts (NFS, EFS, Lustre, ...), never a URI
     num_samples: int = 8  # trials drawn by the search (only with searched axes)
     max_concurrent_trials: int | None = None
     max_failures: int = 2  # retries of a trial from its last checkpoint (worker death, node loss)
@@ -74,6 +75,11 @@ class SweepConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     sweep: str | None = None
     overrides: list[str] = field(default_factory=list)  # fixed training overrides from a spec file
+
+    def __post_init__(self) -> None:
+        self.storage_path = storage_path_on_disk(self.storage_path)
+        if self.experiment is not None:
+            check_folder_name("experiment", self.experiment)
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,29 @@ class SweepRequest:
                 name = f"{name}-{hashlib.sha256(repr(combo).encode()).hexdigest()[:6]}"
             result[name] = [f"{k}={v}" for k, v in combo]
         return result
+
+
+def storage_path_on_disk(value: str) -> str:
+    """`storage_path` as a folder path; `file://` URIs become their path, any other URI is refused. Tune
+    could write its own files to s3://, but every trial writes its run folder (checkpoints, metrics,
+    predictions) with plain file I/O under the experiment folder, so on a URI those would land on each
+    node's local disk and be lost with the node."""
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", value)
+    if scheme is None:
+        return value
+    if scheme.group(1).lower() == "file":
+        from urllib.parse import unquote, urlparse
+
+        parsed = urlparse(value)
+        if parsed.netloc not in ("", "localhost"):
+            raise ConfigError(f"storage_path={value!r}: a file:// URI names a host ({parsed.netloc!r})",
+                              fix="use file:///<absolute path> or the plain path of the shared folder")
+        return unquote(parsed.path)
+    raise ConfigError(f"storage_path={value!r} is a URI ({scheme.group(1)}://): viseg writes run folders, "
+                      "checkpoints and summaries with plain file I/O, so storage_path must be a shared "
+                      "filesystem path mounted at the same place on every node (NFS, EFS, Lustre, ...)",
+                      fix="mount the storage on every node (e.g. s3 through a FUSE mount or EFS) and pass "
+                          "storage_path=/mnt/shared/sweeps")
 
 
 def variant_name(assignments: tuple[tuple[str, str], ...]) -> str:
