@@ -98,8 +98,10 @@ def test_submitted_sweep_runs_trials_on_both_nodes_and_writes_to_storage(cluster
 
 def test_stopped_job_is_resumed_by_a_new_submission(cluster: LocalCluster):
     experiment = cluster.shared / "sweeps" / "stopped"
-    # one trial at a time, so that one fold finishes while the other is still training
+    # one trial at a time, so that one fold finishes while the other is still training; nnU-Net's network
+    # width, not the demo's 8 features, so that an epoch lasts long enough to stop the job within one
     cluster.submit("viseg-stopped", *TINY, "trainer.max_epochs=3", "max_concurrent_trials=1",
+                   "plan.base_num_features=null",
                    *shared_args(cluster), "experiment=stopped")
 
     def one_finished_one_started() -> bool:
