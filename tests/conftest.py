@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The key that seals sweeps' Ray state (viseg/sweep/state_seal.py): one per test process and the sweeps it
+# starts, never the user's own ~/.config/viseg/state.key.
+os.environ.setdefault("VISEG_STATE_KEY", os.path.join(tempfile.mkdtemp(prefix="viseg-test-key-"), "state.key"))
 
 
 def shared_dir() -> Path:

@@ -18,7 +18,9 @@ import pytest
 from tests.sweep_runs import TINY, sweep
 from viseg.errors import ConfigError
 from viseg.sweep.driver import load_state
+from viseg.sweep.ray_state import state_files
 from viseg.sweep.spec import SearchAxis
+from viseg.sweep.state_seal import StateSealer
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +60,18 @@ def empty_json(experiment: Path) -> None:
         path.write_text("{}")
 
 
-@pytest.mark.parametrize("damage", [truncate_generator_state, drop_trial_configs, empty_json],
+def sealed(damage):
+    """The damage as Ray itself wrote it (the driver's own staging copy cut, then sealed), so that the resume
+    reaches the damaged-state check; damage done in the shared folder alone is refused before (test_state_seal)."""
+    def damage_and_seal(experiment: Path) -> None:
+        damage(experiment)
+        StateSealer(experiment).seal_files(state_files(experiment))
+
+    damage_and_seal.__name__ = damage.__name__
+    return damage_and_seal
+
+
+@pytest.mark.parametrize("damage", [sealed(d) for d in (truncate_generator_state, drop_trial_configs, empty_json)],
                          ids=lambda d: d.__name__)
 def test_a_grid_resumes_from_its_own_sweep_state_whatever_ray_state_survived(finished_grid, damage):
     work, experiment, pristine = finished_grid
@@ -88,7 +101,7 @@ def test_a_search_with_damaged_ray_state_says_it_cannot_continue(finished_grid, 
     plan = load_state(experiment)
     plan.storage_path, plan.search = str(tmp_path), [SearchAxis(key="optimizer.lr", kind="loguniform", low=1e-3,
                                                                 high=1e-1)]
-    truncate_generator_state(experiment)
+    sealed(truncate_generator_state)(experiment)
     with pytest.raises(ConfigError) as raised:
         restore_tuner(plan)
     assert "cannot continue" in str(raised.value) and f"cross_validate={experiment}" in str(raised.value)

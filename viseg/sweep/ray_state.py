@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,15 @@ STATE_FILES = {
     "tuner.pkl": "pickle",
 }
 ASIDE = "damaged_tune_state"
+UNTRUSTED = "untrusted_tune_state"
+
+
+def is_state_file(name: str) -> bool:
+    return any(fnmatch(name, pattern) for pattern in STATE_FILES)
+
+
+def state_files(experiment: Path) -> list[Path]:
+    return sorted(path for pattern in STATE_FILES for path in experiment.glob(pattern))
 
 
 @dataclass
@@ -103,3 +113,17 @@ def _required(trials: SweepTrials) -> list[str]:
     generator = "search_gen_state-*.json" if trials.search else "basic-variant-state-*.json"
     return ["tuner.pkl", "experiment_state-*.json", generator]
 
+
+
+def set_aside_untrusted_state(experiment: Path, move: bool) -> list[str]:
+    """The state files this user's viseg did not seal (read as bytes, never loaded); with `move`, they go
+    into `untrusted_tune_state/`, where Ray will not look for them."""
+    from viseg.sweep.state_seal import untrusted_state_files
+
+    untrusted = untrusted_state_files(experiment, state_files(experiment))
+    if move:
+        for name in untrusted:
+            aside = experiment / UNTRUSTED
+            aside.mkdir(exist_ok=True)
+            (experiment / name).replace(aside / name)
+    return untrusted

@@ -77,13 +77,24 @@ def _tune_config(plan: SweepPlan) -> Any:
 def build_tuner(plan: SweepPlan) -> Any:
     from ray import tune
 
+    from viseg.sweep.seal_callback import SealStateCallback
+
     run_config = tune.RunConfig(
         name=plan.experiment, storage_path=plan.storage_path,
         failure_config=tune.FailureConfig(max_failures=plan.settings["max_failures"]),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=plan.settings["checkpoints_to_keep"]),
-        verbose=1)
-    return tune.Tuner(trainable(plan), param_space=param_space(plan), tune_config=_tune_config(plan),
-                      run_config=run_config)
+        verbose=1, callbacks=[SealStateCallback()])
+    tuner = tune.Tuner(trainable(plan), param_space=param_space(plan), tune_config=_tune_config(plan),
+                       run_config=run_config)
+    _seal_tuner_file(plan)
+    return tuner
+
+
+def _seal_tuner_file(plan: SweepPlan) -> None:
+    """The Tuner writes tuner.pkl as it is built (a restored one may rewrite it): seal it at once."""
+    from viseg.sweep.state_seal import StateSealer
+
+    StateSealer(plan.experiment_dir).seal_files([plan.experiment_dir / "tuner.pkl"])
 
 
 def restore_tuner(plan: SweepPlan) -> Any:
@@ -95,20 +106,48 @@ def restore_tuner(plan: SweepPlan) -> Any:
     reruns the same grid), and state Ray cannot read is set aside first. A grid needs no Ray state to go on:
     its trials find their run folders by variant and fold, finished ones return at once and the others
     continue from their own checkpoints, so it then starts a fresh Tuner. A search cannot: its trials are
-    named after Ray's ids and Optuna's history lives in that state, so it stops and says what to do."""
+    named after Ray's ids and Optuna's history lives in that state, so it stops and says what to do.
+
+    Ray's state files are pickles (its JSON too carries pickled values), so none is read, not even to check
+    it, unless this user's viseg sealed it (`state_seal`): a grid sets unsealed files aside and goes on from
+    its run folders, a search stops."""
     from ray import tune
 
-    from viseg.sweep.ray_state import ASIDE, SweepTrials, set_aside_damaged_state
+    from viseg.sweep.ray_state import (
+        ASIDE,
+        UNTRUSTED,
+        SweepTrials,
+        set_aside_damaged_state,
+        set_aside_untrusted_state,
+    )
+    from viseg.sweep.state_seal import key_path
 
     experiment = plan.experiment_dir
+    untrusted = set_aside_untrusted_state(experiment, move=not plan.search)
+    if untrusted and plan.search:
+        raise ConfigError(f"Ray's search state in {experiment} does not carry your viseg's seal "
+                          f"({', '.join(untrusted)}): it was written by someone else, changed since, or sealed "
+                          f"with another key, and viseg never unpickles such state (loading it could run any "
+                          "code it holds)",
+                          fix=f"if you ran this search, resume it with the key it was sealed with ({key_path()} "
+                              "on the machine that ran it, or VISEG_STATE_KEY=<key file>); otherwise "
+                              f"cross-validate what it found (cross_validate={experiment}) or start it again "
+                              "under a new experiment=...")
+    if untrusted:
+        log.warning("Ray's experiment state in %s does not carry your viseg's seal (%s), so it is not loaded (set "
+                    "aside in %s/); the trials continue from their run folders (finished ones are kept, the "
+                    "others resume from their last checkpoint)", experiment, ", ".join(untrusted), UNTRUSTED)
+        return build_tuner(plan)
     trials = SweepTrials(variants=list(plan.variants), folds=list(plan.folds), search=bool(plan.search))
     damaged = set_aside_damaged_state(experiment, trials)
     if damaged is None:
         # a search passes none: were Ray to restart it anyway, its trials get no config and fail with a clear
         # error (sweep/trial.py) instead of silently starting a second search in the same experiment
         space = None if plan.search else param_space(plan)
-        return tune.Tuner.restore(str(experiment), trainable(plan), param_space=space, resume_unfinished=True,
-                                  resume_errored=True)
+        tuner = tune.Tuner.restore(str(experiment), trainable(plan), param_space=space, resume_unfinished=True,
+                                   resume_errored=True)
+        _seal_tuner_file(plan)
+        return tuner
     if plan.search:
         raise ConfigError(f"Ray's search state in {experiment} is damaged ({damaged}; set aside in {ASIDE}/), "
                           "so the search cannot continue where it stopped",
