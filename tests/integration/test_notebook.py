@@ -65,6 +65,6 @@ def test_notebook_runs_on_a_finished_sweep_and_draws_its_figures(finished_sweep:
     text = "\n".join(text_of(out) for out in produced)
     assert f"experiment: {finished_sweep}" in text
     assert "* default  2/0" in text  # the cross-validation table, both folds counted
-    assert text.count("TERMINATED") == 2  # the trials table read through ExperimentAnalysis
+    assert text.count("stopped or running") == 0 and text.count("finished") >= 2  # the trials table (result.json)
     figures = [out for out in produced if "image/png" in out.get("data", {})]
     assert len(figures) == 2, "expected the learning curves and the final-Dice box plot"

@@ -1,7 +1,7 @@
 """`cross_validate=<search experiment>`: take the best searched configuration(s) to every fold.
 
 Ray's Optuna searcher cannot take a fold grid, so a search trains on `search.folds` only. This step reads
-the finished search with Ray's ExperimentAnalysis (files only, no running Ray needed), ranks its trials by
+the finished search's trial reports (JSON files only, no running Ray needed), ranks its trials by
 the search metric, and plans a new grid sweep: one variant per chosen configuration (the searched values
 become fixed overrides), times every fold. The search experiment itself is never modified.
 """
@@ -19,7 +19,6 @@ from viseg.sweep.driver import SweepPlan, load_state
 from viseg.sweep.spec import SweepRequest, parse_folds
 
 log = logging.getLogger(__name__)
-COMPLETED_METRIC = "final/mean_dice"  # only the trial's last report (after full-case validation) has it
 
 
 @dataclass(frozen=True)
@@ -42,23 +41,23 @@ class Candidate:
 
 
 def search_candidates(experiment_dir: Path, metric: str, mode: str) -> list[Candidate]:
-    """Every trial that reported the metric, best first; completed trials rank before early-stopped ones."""
-    from ray.tune import ExperimentAnalysis
+    """Every trial that reported the metric, best first; completed trials rank before early-stopped ones.
+    Read from the trials' result.json as JSON, never from Ray's pickled experiment state."""
+    from viseg.sweep.trial_results import read_trials
 
-    try:
-        analysis = ExperimentAnalysis(str(experiment_dir))
-    except Exception as exc:  # Ray raises ValueError/FileNotFoundError variants for a missing state
-        raise ConfigError(f"{experiment_dir} has no readable Ray Tune experiment state ({exc})",
-                          fix="pass the folder of a search experiment printed when it started") from None
+    trials = read_trials(experiment_dir)
+    if not trials:
+        raise ConfigError(f"{experiment_dir} holds no trial that reported a result (no */result.json)",
+                          fix="pass the folder of a search experiment printed when it started")
     candidates = []
-    for trial in analysis.trials:
-        result, config = trial.last_result or {}, trial.config or {}
+    for trial in trials:
+        result, config = trial.last, trial.config
         score = result.get(metric)
-        if score is None or (isinstance(score, float) and math.isnan(score)) or "variant" not in config:
+        if not isinstance(score, (int, float)) or math.isnan(score) or "variant" not in config:
             continue
         candidates.append(Candidate(trial_id=trial.trial_id, variant=config["variant"],
                                     params=dict(config.get("params") or {}), score=float(score),
-                                    completed=COMPLETED_METRIC in result))
+                                    completed=trial.finished))
     sign = -1.0 if mode == "max" else 1.0
     return sorted(candidates, key=lambda c: (not c.completed, sign * c.score))
 
@@ -118,4 +117,4 @@ def _n_folds(variant_yaml: str) -> int:
 
 
 def _absolute(storage_path: str) -> str:
-    return storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
+    return str(Path(storage_path).expanduser().resolve())  # URIs never get here: spec refuses them
