@@ -92,8 +92,7 @@ def plan_sweep(request: SweepRequest) -> SweepPlan:
     discovery = discover(first)
     dataset = discovery.info.name if discovery.info else "dataset"
     return SweepPlan(experiment=settings.experiment or _experiment_name(request, dataset, folds),
-                     storage_path=str(Path(settings.storage_path).expanduser().resolve())
-                     if "://" not in settings.storage_path else settings.storage_path,
+                     storage_path=str(Path(settings.storage_path).expanduser().resolve()),  # URIs refused in spec
                      variants=variants, overrides=overrides, folds=folds, search=request.search,
                      settings=asdict(settings))
 
@@ -125,6 +124,10 @@ def load_state(experiment_dir: Path) -> SweepPlan:
                           fix="pass the experiment folder printed when the sweep started")
     data = read_json(path)
     data["search"] = [SearchAxis(**{**s, "choices": tuple(s["choices"])}) for s in data["search"]]
+    # the folder given is the experiment, wherever it was first written: a moved or copied experiment
+    # continues in place (as Ray's own restore does), never in the folder it was copied from
+    folder = Path(experiment_dir).resolve()
+    data["storage_path"], data["experiment"] = str(folder.parent), folder.name
     return SweepPlan(**data)
 
 
