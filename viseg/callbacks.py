@@ -18,6 +18,7 @@ import torch
 from viseg.atomic import write_atomically, write_text_atomically
 from viseg.checkpoints import keep_previous as keep_previous_checkpoint
 from viseg.errors import free_space_then, is_storage_full, storage_full
+from viseg.run_layout import BEST_CHECKPOINT, LAST_CHECKPOINT
 
 ReportFn = Callable[[dict[str, float], Path], None]
 BEST_METRIC = "val/ema_pseudo_dice"
@@ -33,8 +34,12 @@ def atomic_save_checkpoint(trainer: L.Trainer, path: Path, keep_previous: bool =
                          before_replace=(lambda: keep_previous_checkpoint(path.parent)) if keep_previous else None)
     except Exception as exc:
         if is_storage_full(exc):
+            # the run folder exists now, so the same `viseg.train` command would refuse it: continue it instead
+            # (a sweep rewrites this advice into its own resume=)
+            run_dir = path.parent.parent
             raise storage_full("a checkpoint", path, fix=free_space_then(
-                f"run the same command again: it continues from {path.parent / 'last.ckpt'}")) from exc
+                f"continue the run: python -m viseg.train continue_from={run_dir} (it resumes from "
+                f"{path.parent / LAST_CHECKPOINT})")) from exc
         raise
 
 
@@ -58,9 +63,9 @@ class RunCheckpoints(L.Callback):
         if improved:
             self.best = float(score)
         # previous.ckpt: a resume falls back to it should last.ckpt ever be damaged
-        atomic_save_checkpoint(trainer, self.directory / "last.ckpt", keep_previous=True)
+        atomic_save_checkpoint(trainer, self.directory / LAST_CHECKPOINT, keep_previous=True)
         if improved:
-            atomic_save_checkpoint(trainer, self.directory / "best.ckpt")
+            atomic_save_checkpoint(trainer, self.directory / BEST_CHECKPOINT)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}

@@ -110,3 +110,20 @@ def test_ray_state_that_ray_would_restart_from_is_damaged(tmp_path: Path, name: 
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     kind = "json" if name.startswith("experiment_state") else "pickle"
     assert problem in (file_problem(path, kind, trials) or "")
+
+
+def test_a_checkpoint_on_a_full_disk_says_to_continue_the_run_not_to_run_the_command_again(tmp_path: Path):
+    """The run folder exists by then, and the same `viseg.train` command refuses an existing run."""
+    from viseg.callbacks import atomic_save_checkpoint
+
+    class TrainerOnAFullDisk:  # Lightning's save_checkpoint as a full volume ends it: half a file, then ENOSPC
+        def save_checkpoint(self, path: Path, weights_only: bool = False) -> None:
+            Path(path).write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    run = tmp_path / "fold_0"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(StorageFullError) as raised:
+        atomic_save_checkpoint(TrainerOnAFullDisk(), run / "checkpoints" / "last.ckpt")  # type: ignore[arg-type]
+    assert f"continue_from={run}" in raised.value.fix and "same command" not in raised.value.fix
+    assert list((run / "checkpoints").iterdir()) == []
