@@ -110,18 +110,19 @@ class MetricsHistory(L.Callback):
 
 
 def plot_progress(rows: list[dict[str, float]], path: Path) -> None:
-    """nnU-Net-style progress plot: losses and pseudo-Dice, learning rate, epoch time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """nnU-Net-style progress plot: losses and pseudo-Dice, learning rate, epoch time. A bare Figure on the
+    Agg canvas: no pyplot, no backend switch, nothing global in a Ray worker that is reused across trials."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     epochs = [r["epoch"] for r in rows]
 
     def series(key: str) -> list[float]:
         return [r.get(key, math.nan) for r in rows]
 
-    fig, axes = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
+    fig = Figure(figsize=(9, 10))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3, 1, sharex=True)
     axes[0].plot(epochs, series("train/loss"), label="train loss", color="tab:blue")
     axes[0].plot(epochs, series("val/loss"), label="val loss", color="tab:red")
     dice_axis = axes[0].twinx()
@@ -137,10 +138,7 @@ def plot_progress(rows: list[dict[str, float]], path: Path) -> None:
     axes[2].set_ylabel("epoch time (s)")
     axes[2].set_xlabel("epoch")
     fig.tight_layout()
-    try:
-        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=80), keep_ending=True)
-    finally:
-        plt.close(fig)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=80), keep_ending=True)
 
 
 class ReportHook(L.Callback):
