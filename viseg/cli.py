@@ -52,10 +52,9 @@ def unknown_keys(node: Any, prefix: str = "") -> list[str]:
     names = {f.name for f in dataclasses.fields(object_type)} if dataclasses.is_dataclass(object_type) else None
     found: list[str] = []
     for key in node:
-        child = node._get_node(key)
         if names is not None and key not in names:
             found.append(f"{prefix}{key}")
-        elif isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+        elif not OmegaConf.is_missing(node, key) and isinstance(child := node[key], DictConfig):
             found += unknown_keys(child, f"{prefix}{key}.")
     return found
 
@@ -65,12 +64,12 @@ def to_typed(cfg: Any) -> Any:
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    extra = unknown_keys(cfg) if isinstance(cfg, DictConfig) else []
-    if extra:
-        raise ConfigError(f"{', '.join(extra)}: not a key of viseg's config schema",
-                          fix="remove the override: viseg takes only the keys its schema defines, and names "
-                              "resolve through its registries, never through import paths or _target_")
     try:
+        extra = unknown_keys(cfg) if isinstance(cfg, DictConfig) else []
+        if extra:
+            raise ConfigError(f"{', '.join(extra)}: not a key of viseg's config schema",
+                              fix="remove the override: viseg takes only the keys its schema defines, and names "
+                                  "resolve through its registries, never through import paths or _target_")
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         found = user_error(exc)
@@ -153,15 +152,21 @@ def run_app(task: Task, app: str, argv: list[str] | None = None, config_name: st
 
     `config_name` and `register` let a command with its own schema (python -m viseg.predict) use the same
     plumbing; by default the training schemas (BaseConfig and its groups) are registered."""
-    import hydra
-    from omegaconf import DictConfig
-
     from viseg.config import register_configs
 
     (register or register_configs)()
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    sys.argv = with_app_help(sys.argv, app)
+    # hydra.main reads its arguments from sys.argv alone: set them for the call, then put the caller's back
+    caller_argv = sys.argv
+    sys.argv = with_app_help([caller_argv[0], *argv] if argv is not None else list(caller_argv), app)
+    try:
+        _run_task(task, app, config_name)
+    finally:
+        sys.argv = caller_argv
+
+
+def _run_task(task: Task, app: str, config_name: str) -> None:
+    import hydra
+    from omegaconf import DictConfig
 
     started = False
 

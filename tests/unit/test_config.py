@@ -151,3 +151,17 @@ def test_app_help_override_keeps_user_overrides_contiguous(argv: list[str]):
     if "--config-name" in argv or "-cn" in argv:
         flag = "--config-name" if "--config-name" in argv else "-cn"
         assert out[out.index(flag) + 1] == "lesion_config"
+
+
+def test_run_app_gives_hydra_its_arguments_and_leaves_the_callers_argv_alone(monkeypatch, tmp_path):
+    """An in-process caller (a notebook, a test, another tool) keeps its own sys.argv."""
+    import sys
+
+    from viseg.cli import run_app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["caller", "--its-own-flag"])
+    seen: list[int] = []
+    run_app(lambda cfg: seen.append(cfg.fold) or 0, "train", argv=["fold=3"])
+    assert seen == [3]
+    assert sys.argv == ["caller", "--its-own-flag"]
