@@ -9,7 +9,6 @@ weights), loaded with `torch.load(weights_only=True)`: a checkpoint is data, nev
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +17,8 @@ from viseg.config import BaseConfig
 from viseg.errors import ConfigError
 from viseg.jsonio import read_json
 from viseg.plans import Plans
-from viseg.run_layout import FINISHED_MARKER, WEIGHTS, WEIGHTS_HELP, weights_file
+from viseg.run_layout import FINISHED_MARKER, WEIGHTS, WEIGHTS_HELP, is_run_dir, weights_file
+from viseg.run_layout import experiment_variants as layout_variants
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POSTPROCESSING_FILE = "postprocessing.json"
-_FOLD_DIR = re.compile(r"fold_(\d+)")
 
 
 @dataclass(frozen=True)
@@ -85,10 +84,6 @@ class Ensemble:
 # -- model= -> run folders ------------------------------------------------------------------------------
 
 
-def is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file()
-
-
 def resolve_model(model: str, variant: str | None = None) -> ModelSelection:
     """Run folders named by `model=`: one run folder, a comma list of them, or an experiment + variant."""
     paths = [Path(p.strip()).expanduser() for p in model.split(",") if p.strip()]
@@ -119,16 +114,9 @@ def _check_run_dir(path: Path) -> None:
 
 
 def experiment_variants(experiment: Path) -> dict[str, dict[int, Path]]:
-    """variant -> fold -> run folder, for every run folder under `<experiment>/runs`. A variant is named by
-    its folder; by its path below runs/ where two plans hold variants of the same name."""
-    runs = experiment / "runs"
-    found: dict[Path, dict[int, Path]] = {}
-    for path in sorted(runs.rglob("fold_*")):
-        match = _FOLD_DIR.fullmatch(path.name)
-        if match and is_run_dir(path):
-            found.setdefault(path.parent.relative_to(runs), {})[int(match.group(1))] = path
-    names = [rel.name for rel in found]
-    return {(rel.name if names.count(rel.name) == 1 else rel.as_posix()): folds for rel, folds in found.items()}
+    """variant -> fold -> run folder, for every run folder under `<experiment>/runs`, named as `summary=`
+    names them (`run_layout.experiment_variants`)."""
+    return layout_variants(experiment / "runs", runs_only=True)
 
 
 def _experiment_selection(experiment: Path, variant: str | None) -> ModelSelection:

@@ -1,7 +1,16 @@
-"""Names in a run folder that several modules read. Import-free on purpose: `--help`, the summary and the
-predict loader use them without pulling in Lightning."""
+"""Names in a run folder, and of the run folders in an experiment, that several modules read. Import-free on
+purpose (standard library only): `--help`, the summary and the predict loader use them without pulling in
+Lightning."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
 
 FINISHED_MARKER = "finished.json"  # written by train() last, after the validation summary
+RUN_CONFIG = "config.yaml"  # written once the run's data is ready: its presence makes a folder a run
+FOLD_DIR = re.compile(r"fold_(\d+)")
 
 # checkpoints/ of a run folder. last.ckpt is replaced after every epoch by two renames (last -> previous, new ->
 # last), so a kill between them leaves previous.ckpt alone: whatever resumes must look for both.
@@ -28,3 +37,43 @@ def describe_weights(weights: str) -> str:
     source = {"final": "the end of training", "best": "best moving-average pseudo-Dice",
               "last": "latest epoch, finished or not"}[weights]
     return f"{weights} weights ({source}: checkpoints/{weights_file(weights)})"
+
+
+def _variant_keys(variant_dirs: list[Path]) -> dict[Path, str]:
+    """Each variant folder by its name; '<plan>/<name>' (or the whole sub-path) only where names clash, so
+    that two plans with the same variant name are never taken for one."""
+    by_name: dict[str, list[Path]] = defaultdict(list)
+    for rel in variant_dirs:
+        by_name[rel.name].append(rel)
+    keys = {}
+    for name, rels in by_name.items():
+        if len(rels) == 1:
+            keys[rels[0]] = name
+            continue
+        short = {rel: "/".join(rel.parts[-2:]) for rel in rels}
+        unique = len(set(short.values())) == len(rels)
+        keys.update({rel: short[rel] if unique else rel.as_posix() for rel in rels})
+    return keys
+
+
+def experiment_variants(runs: Path, runs_only: bool = False) -> dict[str, dict[int, Path]]:
+    """The variants of an experiment's `runs/` folder: variant name -> fold -> fold folder, at any depth. The
+    one place variant names are made, so the name `summary=` prints is the one `variant=` and `best=` take.
+    Names are chosen over every fold folder; `runs_only` then keeps those that hold a run (config.yaml)."""
+    found: dict[Path, dict[int, Path]] = defaultdict(dict)
+    if runs.is_dir():
+        for path in sorted(runs.rglob("fold_*")):
+            match = FOLD_DIR.fullmatch(path.name)
+            if match and path.is_dir() and path.parent != runs:
+                found[path.parent.relative_to(runs)][int(match.group(1))] = path
+    keys = _variant_keys(list(found))
+    variants = {keys[rel]: folds for rel, folds in found.items()}
+    if runs_only:
+        variants = {name: kept for name, folds in variants.items()
+                    if (kept := {f: p for f, p in folds.items() if is_run_dir(p)})}
+    return variants
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / RUN_CONFIG).is_file()
+

@@ -175,3 +175,18 @@ def test_empty_experiment(tmp_path):
     assert json.loads(paths["json"].read_text()) == []
     assert next(csv.reader(paths["csv"].open(newline="")))[0] == "variant"
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_variant_name_summary_prints_is_the_one_predict_and_best_take(tmp_path: Path):
+    """Two plans holding a variant of the same name: every command must call each one the same."""
+    from viseg.ensemble import experiment_variants
+    from viseg.sweep.summary import summarize
+
+    experiment = tmp_path / "sweep"
+    for plan in ("PlainConvUNet-3d_fullres-aaaa", "PlainConvUNet-2d-bbbb"):
+        fold = experiment / "runs" / "Dataset-1234" / plan / "default" / "fold_0"
+        fold.mkdir(parents=True)
+        (fold / "config.yaml").write_text("fold: 0\n")
+    printed = {s.variant for s in summarize(experiment)}
+    assert printed == {"PlainConvUNet-3d_fullres-aaaa/default", "PlainConvUNet-2d-bbbb/default"}
+    assert set(experiment_variants(experiment)) == printed

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +23,9 @@ import numpy as np
 
 from viseg.atomic import write_atomically, write_text_atomically
 from viseg.jsonio import read_json, write_json_atomic
-from viseg.run_layout import FINISHED_MARKER
+from viseg.run_layout import FINISHED_MARKER, experiment_variants
 
 log = logging.getLogger(__name__)
-FOLD_DIR = re.compile(r"fold_(\d+)")
 
 
 class Stat(NamedTuple):
@@ -75,35 +73,6 @@ def _stat(values: list[float]) -> Stat:
 def _label_order(label: str) -> tuple[int, Any]:
     """Numeric labels in numeric order ("2" before "10"), anything else after them by name."""
     return (0, int(label)) if label.isdigit() else (1, label)
-
-
-def _variant_keys(variant_dirs: list[Path]) -> dict[Path, str]:
-    """Key each variant folder by its name; '<plan>/<name>' (or the whole sub-path) only where names clash,
-    so that two plans with the same variant name are never averaged together."""
-    by_name: dict[str, list[Path]] = defaultdict(list)
-    for rel in variant_dirs:
-        by_name[rel.name].append(rel)
-    keys = {}
-    for name, rels in by_name.items():
-        if len(rels) == 1:
-            keys[rels[0]] = name
-            continue
-        short = {rel: "/".join(rel.parts[-2:]) for rel in rels}
-        unique = len(set(short.values())) == len(rels)
-        keys.update({rel: short[rel] if unique else rel.as_posix() for rel in rels})
-    return keys
-
-
-def _scan_runs(runs: Path) -> dict[str, dict[int, Path]]:
-    """variant key -> fold -> run folder, for every fold_<k> folder under runs/ at any depth."""
-    found: dict[Path, dict[int, Path]] = defaultdict(dict)
-    if runs.is_dir():
-        for path in sorted(runs.rglob("fold_*")):
-            match = FOLD_DIR.fullmatch(path.name)
-            if match and path.is_dir() and path.parent != runs:
-                found[path.parent.relative_to(runs)][int(match.group(1))] = path
-    keys = _variant_keys(list(found))
-    return {keys[rel]: folds for rel, folds in found.items()}
 
 
 def _read_validation(run_dir: Path) -> dict[str, Any] | None:
@@ -175,7 +144,7 @@ def _rank_key(summary: VariantSummary) -> tuple[Any, ...]:
 def summarize(experiment: Path) -> list[VariantSummary]:
     """One summary per variant, best first (`_rank_key`); works while the sweep runs: unfinished folds are
     listed but never counted."""
-    runs = _scan_runs(Path(experiment) / "runs")
+    runs = experiment_variants(Path(experiment) / "runs")
     failed = _assign_errors(_read_errors(Path(experiment)), set(runs))
     summaries = [_summarize_variant(v, runs.get(v, {}), failed.get(v, {})) for v in set(runs) | set(failed)]
     summaries.sort(key=_rank_key)
