@@ -8,6 +8,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from viseg.sweep.ray_state import is_state_file
 from viseg.sweep.state_seal import StateSealer
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class SealStateCallback(Callback):
             self._staging = Path(storage.experiment_driver_staging_path)
         assert self._staging is not None
         try:
-            self._sealer.seal_changed(self._staging)
+            self._sealer.seal_changed(self._staging, is_state_file)
         except OSError as exc:  # a full disk: the sweep goes on; state left unsealed is not loaded on resume
             log.warning("could not seal Ray's experiment state in %s (%s): a resume will not load the state "
                         "written since (a grid then continues from its run folders)", self._sealer.experiment, exc)

@@ -21,6 +21,7 @@ import logging
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from viseg.errors import ConfigError
@@ -126,10 +127,9 @@ class StateSealer:
         if changed:
             write_json_atomic(self.experiment / SEAL_FILE, {"format": _FORMAT, "files": files})
 
-    def seal_changed(self, staging: Path) -> None:
-        """Seal the state files in Ray's staging folder that changed since the last look (a stat per file)."""
-        from viseg.sweep.ray_state import is_state_file
-
+    def seal_changed(self, staging: Path, is_state_file: Callable[[str], bool]) -> None:
+        """Seal the state files in Ray's staging folder that changed since the last look (a stat per file).
+        Which names are state files is `ray_state`'s to say."""
         fresh = []
         try:
             entries = list(staging.iterdir())
