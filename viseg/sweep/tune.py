@@ -126,9 +126,9 @@ def restore_tuner(plan: SweepPlan) -> Any:
     untrusted = set_aside_untrusted_state(experiment, move=not plan.search)
     if untrusted and plan.search:
         raise ConfigError(f"Ray's search state in {experiment} does not carry your viseg's seal "
-                          f"({', '.join(untrusted)}): it was written by someone else, changed since, or sealed "
-                          f"with another key, and viseg never unpickles such state (loading it could run any "
-                          "code it holds)",
+                          f"({', '.join(untrusted)}): it was written by someone else, changed or cut (a full disk) "
+                          "since, or sealed with another key, and viseg never unpickles such state (loading it "
+                          "could run any code it holds)",
                           fix=f"if you ran this search, resume it with the key it was sealed with ({key_path()} "
                               "on the machine that ran it, or VISEG_STATE_KEY=<key file>); otherwise "
                               f"cross-validate what it found (cross_validate={experiment}) or start it again "
