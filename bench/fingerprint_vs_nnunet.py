@@ -55,7 +55,7 @@ VISEG_SNIPPET = """
 import json, sys
 from pathlib import Path
 from viseg.data.pathfinders import get_pathfinder
-from viseg.fingerprint import extract_fingerprint
+from viseg.planning.fingerprint import extract_fingerprint
 
 root, num_processes, out = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 discovery = get_pathfinder("nnunet", root).discover()

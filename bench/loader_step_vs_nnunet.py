@@ -86,8 +86,8 @@ import json, sys
 from dataclasses import asdict
 from omegaconf import OmegaConf
 from viseg.config import BaseConfig, PlainConvUnet3DConfig
-from viseg.prepare import prepare
-from viseg.preprocess import preprocess_dataset
+from viseg.preprocessing.prepare import prepare
+from viseg.preprocessing.preprocess import preprocess_dataset
 
 root, cache, num_processes, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
 
@@ -188,12 +188,12 @@ open(sys.argv[2], "w").write(json.dumps(out))
 VISEG_RUN = COMMON + """
 from pathlib import Path
 from viseg.config import AugmentationConfig
-from viseg.data.augment import BatchAugmenter, augmentation_input_size, is_anisotropic
-from viseg.data.loader import PatchSampler
-from viseg.labels import LabelEncoding
-from viseg.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_scales
-from viseg.model import build_model
-from viseg.plans import Plans
+from viseg.training.augment import BatchAugmenter, augmentation_input_size, is_anisotropic
+from viseg.training.loader import PatchSampler
+from viseg.data.labels import LabelEncoding
+from viseg.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_scales
+from viseg.planning.network import build_model
+from viseg.planning.plans import Plans
 
 plans = Plans.load(Path(cfg["plans"]))
 plan = plans.configuration("3d_fullres")
@@ -203,7 +203,7 @@ anisotropic = is_anisotropic(patch, plan.spacing)
 input_size = augmentation_input_size(patch, aug_cfg, anisotropic)
 sampler = PatchSampler(Path(cfg["folder"]), cfg["cases"], input_size, plan.batch_size, plans.foreground_labels,
                        0.33, 3, network_patch_size=patch, ignore_label=plans.ignore_label)
-augment = BatchAugmenter(patch, aug_cfg, anisotropic, LabelEncoding.from_plans(plans), plan.use_mask_for_norm)
+augment = BatchAugmenter(patch, aug_cfg, anisotropic, plans.label_encoding(), plan.use_mask_for_norm)
 rng = np.random.default_rng(cfg["seed"])
 generator = torch.Generator().manual_seed(cfg["seed"])
 batches, split = [], {"sample_s": 0.0, "augment_s": 0.0}

@@ -8,7 +8,7 @@ the same weights, tile step 0.5 and Gaussian weighting, once without and once wi
   ``--reference-plans``, which the script checks) and both tools use its ``--configuration`` (3d_fullres or
   2d). ``--patch`` overrides the patch identically for both: viseg re-plans with ``patch_size`` (snapped,
   topology derived for it) and the same patch and topology are written into a copy of nnU-Net's plans.
-* The weights: viseg's venv builds the network (``viseg.model.build_model``, seeded He initialisation) and
+* The weights: viseg's venv builds the network (``viseg.planning.network.build_model``, seeded He initialisation) and
   saves its ``state_dict``. viseg gets a minimal run folder that ``load_ensemble`` accepts (config.yaml,
   plans.json, dataset.json, checkpoints/best.ckpt holding the config, the plan and the ``network.``-prefixed
   state dict). nnU-Net's venv builds its own network from its plans (``nnUNetTrainer.build_network_architecture``,
@@ -22,7 +22,7 @@ the same weights, tile step 0.5 and Gaussian weighting, once without and once wi
   device=False, device=cpu)`` initialised from the model folder (``initialize_from_trained_model_folder``,
   as ``nnUNetv2_predict`` does), then per case the body of ``predict_from_files_sequential``:
   ``preprocessor.run_case`` -> ``predict_logits_from_preprocessed_data`` -> ``export_prediction_from_logits``.
-  viseg: ``load_ensemble`` on the run folder, then per case ``viseg.predict.predict_one`` (read, preprocess,
+  viseg: ``load_ensemble`` on the run folder, then per case ``viseg.inference.predict.predict_one`` (read, preprocess,
   sliding window, revert geometry, argmax, write), what ``python -m viseg.predict`` does per case.
   Both run ``torch.set_num_threads(--threads)`` with OMP/MKL/OpenBLAS threads alike; nnU-Net also gets
   ``nnUNet_def_n_proc=--threads`` (otherwise its prediction and export raise torch to 8 threads).
@@ -89,10 +89,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from viseg.config import BaseConfig, PlainConvUnet2DConfig, PlainConvUnet3DConfig
-from viseg.ensemble import training_mirror_axes
-from viseg.export import PROBABILITY_ORDER
-from viseg.model import build_model
-from viseg.prepare import prepare
+from viseg.inference.ensemble import training_mirror_axes
+from viseg.inference.export import PROBABILITY_ORDER
+from viseg.planning.network import build_model
+from viseg.preprocessing.prepare import prepare
 
 s = json.loads(open(sys.argv[1]).read())
 model = PlainConvUnet3DConfig if s["configuration"] == "3d_fullres" else PlainConvUnet2DConfig
@@ -138,7 +138,7 @@ config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))  # as viseg.train.con
 (run / "config.yaml").write_text(config_yaml)
 plans.save(run / "plans.json")
 shutil.copyfile(Path(s["dataset"]) / "dataset.json", run / "dataset.json")
-# what viseg.callbacks.RunCheckpoints adds to Lightning's checkpoint, and the LightningModule's state dict
+# what viseg.training.callbacks.RunCheckpoints adds to Lightning's checkpoint, and the LightningModule's state dict
 torch.save({"state_dict": {f"network.{k}": v for k, v in state.items()},
             "viseg": {"config_yaml": config_yaml, "plans": plans.to_dict()}}, run / "checkpoints" / "best.ckpt")
 print(json.dumps({"default_plan": describe(default), "plan": describe(used),
@@ -263,11 +263,11 @@ finish(import_s, load_s, rows, mirror_axes=list(predictor.allowed_mirroring_axes
 """
 
 VISEG_RUN = COMMON + """
-from viseg.ensemble import load_ensemble
-from viseg.predict import InferenceOptions, predict_one
-from viseg.predict_inputs import find_cases
+from viseg.inference.ensemble import load_ensemble
+from viseg.inference.predict import InferenceOptions, predict_one
+from viseg.data.prediction_inputs import find_cases
 # what predict_one imports on first use, imported here so that case 1 does not pay for it
-import viseg.data.io, viseg.export, viseg.inference, viseg.preprocess  # noqa
+import viseg.data.nifti, viseg.inference.export, viseg.inference.sliding_window, viseg.preprocessing.preprocess  # noqa
 import_s = time.perf_counter() - start
 
 t = time.perf_counter()
@@ -649,8 +649,8 @@ def markdown(result: dict[str, Any], checks: list[Check]) -> str:
         "",
         "Seconds per case from reading the NIfTI to the written label NIfTI (imports and model loading excluded): "
         "nnU-Net `nnUNetPredictor` (`run_case`, `predict_logits_from_preprocessed_data`, "
-        "`export_prediction_from_logits`), viseg `viseg.predict.predict_one`. CPU: the process's CPU time over "
-        "the same span (all threads; up to 2x the seconds with 2 threads), less sensitive to other jobs than "
+        "`export_prediction_from_logits`), viseg `viseg.inference.predict.predict_one`. CPU: the process's CPU "
+        "time over the same span (all threads; up to 2x the seconds with 2 threads), less sensitive to other jobs than "
         "wall time.",
         "",
         "| round | mirroring | order | nnU-Net [s/case] | viseg [s/case] | nnU-Net CPU [s/case] | viseg CPU [s/case] "

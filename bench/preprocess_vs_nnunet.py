@@ -7,8 +7,9 @@ fingerprinted and planned the same cases (untimed):
 
 * nnU-Net: ``nnUNetv2_preprocess -d ID -c 3d_fullres -np N --no_pbar`` from ``bench/.venv-nnunet`` after
   ``nnUNetv2_plan_and_preprocess --no_pp``; its output folder is removed before each round;
-* viseg: ``python -c`` calling ``viseg.prepare.prepare`` (verification, fingerprint and plan come from its
-  cache) and ``viseg.preprocess.preprocess_dataset``, with the preprocessed folder removed before each round.
+* viseg: ``python -c`` calling ``viseg.preprocessing.prepare.prepare`` (verification, fingerprint and plan come
+  from its cache) and ``viseg.preprocessing.preprocess.preprocess_dataset``, with the preprocessed folder removed
+  before each round.
 
 The first ``--cases`` cases (sorted) are linked into a temporary dataset. The tools alternate (nnU-Net,
 viseg, ...) so that background load drifting over time hits both alike, and the medians are compared.
@@ -61,8 +62,8 @@ VISEG_SNIPPET = """
 import json, sys
 from omegaconf import OmegaConf
 from viseg.config import BaseConfig, PlainConvUnet3DConfig
-from viseg.prepare import prepare
-from viseg.preprocess import preprocess_dataset, preprocessed_dir
+from viseg.preprocessing.prepare import prepare
+from viseg.preprocessing.preprocess import preprocess_dataset, preprocessed_dir
 
 root, cache, num_processes, run = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BaseConfig), {

@@ -107,11 +107,12 @@ VISEG_SETUP = """
 import json, sys
 from dataclasses import asdict
 from hydra import compose, initialize_config_dir
-from viseg.cli import conf_dir, to_typed
+from viseg.cli import to_typed
+from viseg.resources import conf_dir
 from viseg.config import register_configs
-from viseg.model import build_model
-from viseg.prepare import prepare
-from viseg.preprocess import preprocess_dataset
+from viseg.planning.network import build_model
+from viseg.preprocessing.prepare import prepare
+from viseg.preprocessing.preprocess import preprocess_dataset
 
 overrides = json.loads(open(sys.argv[1]).read())
 register_configs()

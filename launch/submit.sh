@@ -8,8 +8,9 @@ Usage: launch/submit.sh [--no-wait] [--submission-id ID] [--] SWEEP_ARGS...
 
 Submits `python -m viseg.sweep SWEEP_ARGS...` to the Ray cluster at $RAY_ADDRESS
 (default http://127.0.0.1:8265, the dashboard's Jobs API; with a remote cluster keep it behind an
-SSH tunnel or `ray dashboard launch/cluster.yaml`). The checkout is uploaded as the job's working
-directory, minus what launch/runtime_env.yaml excludes.
+SSH tunnel or `ray dashboard launch/cluster.yaml`). viseg is built into a wheel from this checkout
+(uncommitted edits included) and uploaded, installed without its dependencies, as the job's working
+directory; the nodes' environment provides torch, Ray and the rest.
 
 Options (before the sweep arguments):
   --no-wait            return once the job is submitted (also: VISEG_SUBMIT_NO_WAIT=1); follow it with
@@ -17,7 +18,7 @@ Options (before the sweep arguments):
   --submission-id ID   name the job (default: Ray's raysubmit_...); must be unique on the cluster
   -h, --help           this text
 
-Paths in SWEEP_ARGS are read on the cluster, in a temporary copy of the checkout: give absolute paths
+Paths in SWEEP_ARGS are read on the cluster, in the job's temporary working directory: give absolute paths
 on storage every node shares for storage_path=, paths.cache= and dataset.basepath=. storage_path= must be
 a mounted path, not a URI (s3://, gs://, ...): trials write their run folders with plain file I/O.
 
@@ -48,7 +49,7 @@ if [[ $# -eq 0 ]]; then
     exit 2
 fi
 
-# Relative paths in launch/runtime_env.yaml and `--working-dir .` mean the checkout, wherever this is run from.
+# launch/runtime_env.yaml and the wheel are found relative to the checkout, wherever this is run from.
 cd "$(dirname "$0")/.."
 
 # A URI would leave every trial's run folder on its own node's disk: refuse it before anything is uploaded.
@@ -60,7 +61,7 @@ for arg in "$@"; do
     fi
 done
 
-# The job's arguments are read on the head node, in a temporary copy of the checkout: a relative results or
+# The job's arguments are read on the head node, in its temporary working directory: a relative results or
 # cache folder would end up there (and differ between nodes), so say so before anything is uploaded.
 case " $* " in
     *" resume="*|*" summary="*|*" dry_run=true "*) ;;
@@ -84,7 +85,21 @@ if [[ -z "$ray_bin" && -x .venv/bin/ray ]]; then
 fi
 [[ -n "$ray_bin" ]] || { echo "submit.sh: no ray command; activate viseg's environment (source .venv/bin/activate)" >&2; exit 2; }
 
-options=(--address "${RAY_ADDRESS:-http://127.0.0.1:8265}" --working-dir . --runtime-env launch/runtime_env.yaml)
+# The job runs viseg as a wheel installs it: build the wheel from this checkout and unpack it, without its
+# dependencies, into a staging folder that Ray uploads as the job's working directory (first on sys.path of the
+# driver and every trial). The upload is viseg alone, its configs included as package data; torch, Ray and the
+# rest come from the nodes' environment (launch/cluster.yaml, or the image). Your uncommitted edits travel too.
+python_bin="$(dirname "$ray_bin")/python"
+[[ -x "$python_bin" ]] || python_bin="$(command -v python3)"
+stage="$(mktemp -d "${TMPDIR:-/tmp}/viseg-submit.XXXXXX")"
+trap 'rm -rf "$stage"' EXIT
+"$python_bin" -m pip wheel --no-deps --no-build-isolation -q -w "$stage/dist" . >&2 \
+    || { echo "submit.sh: building viseg's wheel failed (pip wheel above); it needs setuptools>=77" >&2; exit 2; }
+"$python_bin" -m pip install --no-deps -q --target "$stage/job" "$stage"/dist/viseg-*.whl >&2
+rm -rf "$stage/job/bin"  # console scripts whose first line names this machine's Python
+
+options=(--address "${RAY_ADDRESS:-http://127.0.0.1:8265}" --working-dir "$stage/job"
+         --runtime-env launch/runtime_env.yaml)
 [[ "$no_wait" == 1 ]] && options+=(--no-wait)
 [[ -n "$submission_id" ]] && options+=(--submission-id "$submission_id")
-exec "$ray_bin" job submit "${options[@]}" -- python -m viseg.sweep "$@"
+"$ray_bin" job submit "${options[@]}" -- python -m viseg.sweep "$@"

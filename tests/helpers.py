@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from hydra import compose, initialize_config_dir
 
-from viseg.cli import conf_dir, to_typed
+from viseg.cli import to_typed
 from viseg.config import BaseConfig, register_configs
+from viseg.resources import conf_dir
 
 
 def compose_typed(config_name: str = "anatomy_config", overrides: list[str] | None = None) -> BaseConfig:

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from viseg.fingerprint import Fingerprint
-from viseg.plans import ConfigurationPlan
+from viseg.planning.fingerprint import Fingerprint
+from viseg.planning.plans import ConfigurationPlan
 
 REFERENCE_DATASET_JSON = {
     "acdc": ("data", "acdc", "dataset.json"),

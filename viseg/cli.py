@@ -14,16 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from viseg.config import register_configs
 from viseg.errors import ConfigError, VisegError, free_space_then, is_storage_full, storage_full, unwritable_file
+from viseg.resources import conf_dir
 
 DEFAULT_CONFIG = "anatomy_config"
 Task = Callable[[Any], int]
-
-
-def conf_dir() -> Path:
-    """`conf/` beside the package (a source checkout or editable install)."""
-    packaged = Path(__file__).resolve().parent / "conf"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "conf"
 
 
 def user_error(exc: BaseException) -> VisegError | None:
@@ -152,7 +148,6 @@ def run_app(task: Task, app: str, argv: list[str] | None = None, config_name: st
 
     `config_name` and `register` let a command with its own schema (python -m viseg.predict) use the same
     plumbing; by default the training schemas (BaseConfig and its groups) are registered."""
-    from viseg.config import register_configs
 
     (register or register_configs)()
     # hydra.main reads its arguments from sys.argv alone: set them for the call, then put the caller's back

@@ -14,8 +14,10 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from viseg.data.pathfinders import PATHFINDERS
 from viseg.errors import ConfigError
-from viseg.run_layout import WEIGHTS, WEIGHTS_HELP
+from viseg.io.layout import WEIGHTS, WEIGHTS_HELP
+from viseg.planning.architectures import ARCHITECTURES
 from viseg.schedulers import METRIC_SCHEDULERS, SCHEDULERS
 
 OPTIMIZERS = ("SGD", "AdamW")
@@ -99,11 +101,10 @@ class ResEncUnet3DArgs(NetworkArgs):
 
 @dataclass
 class ModelConfig:
-    model_cls: str = MISSING  # a key of viseg.networks.ARCHITECTURES
+    model_cls: str = MISSING  # a key of viseg.planning.architectures.ARCHITECTURES
     model_args: NetworkArgs = field(default_factory=NetworkArgs)
 
     def __post_init__(self) -> None:
-        from viseg.networks import ARCHITECTURES
 
         if self.model_cls not in ARCHITECTURES:
             raise ConfigError(
@@ -141,7 +142,6 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         # At composition, like scheduler and model names: later, the demo dataset would already be written.
-        from viseg.data.pathfinders import PATHFINDERS
 
         if self.pathfinder not in PATHFINDERS:
             raise ConfigError(f"dataset.pathfinder={self.pathfinder!r} is not a registered layout",
@@ -223,7 +223,7 @@ class SamplingConfig:
 @dataclass
 class AugmentationConfig:
     """nnU-Net's default augmentation recipe; probabilities are per sample. Runs batched on the training
-    device (viseg.data.augment)."""
+    device (viseg.training.augment)."""
 
     enabled: bool = True
     p_rotation: float = 0.2

@@ -1,295 +1,23 @@
-"""`train(cfg)`: from a typed config to a trained network in a self-contained run folder.
+"""`python -m viseg.train`: train one fold into a run folder, or `continue_from=<run folder>` to resume one.
 
-The same function serves `python -m viseg.train` and every sweep trial: it needs no Ray, and reports
-per-epoch metrics and the checkpoint folder through an optional `report` callable. The run folder is
-named from (dataset, plan, config name, fold), never from a timestamp, so resuming finds it again:
-
-    <paths.results>/<dataset>/<plans folder>/<name>/fold_<k>/
-        plans.json  dataset.json  config.yaml (fully resolved)  metrics.csv  progress.png
-        checkpoints/last.ckpt  checkpoints/best.ckpt  tensorboard/  validation/summary.json
+The work is `viseg.training.train.train`; this module parses, calls and prints.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from viseg.atomic import copy_atomically, write_text_atomically
-from viseg.config import BaseConfig
-from viseg.errors import ConfigError
-from viseg.jsonio import write_json_atomic
-from viseg.prepare import PreparedDataset
-from viseg.run_layout import BEST_CHECKPOINT, CHECKPOINTS_DIR, FINISHED_MARKER, RESUMABLE_CHECKPOINTS
-
-if TYPE_CHECKING:  # callbacks import Lightning: a config error must not wait for it (nor must --help)
-    from viseg.callbacks import ReportFn
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    epochs: int
-    ema_pseudo_dice: float | None
-    validation: dict[str, Any]
-
-
-def run_dir_for(cfg: BaseConfig, prepared: PreparedDataset) -> Path:
-    return (Path(cfg.paths.results) / prepared.cache_dir.name / prepared.plans_dir.name / cfg.name
-            / f"fold_{cfg.fold}")
-
-
-def config_yaml(cfg: BaseConfig) -> str:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def accelerator_and_devices(devices: Any) -> tuple[str, Any]:
-    """`devices` as in the training docs ('auto', a count, or a list of GPU indices); CPU when no GPU."""
-    import torch
-
-    if not torch.cuda.is_available():
-        log.info("no CUDA GPU found: training on CPU")
-        return "cpu", 1
-    if devices in ("auto", None):
-        return "gpu", 1
-    return "gpu", list(devices) if isinstance(devices, list | tuple) else devices
-
-
-def _write_run_files(run_dir: Path, cfg: BaseConfig, prepared: PreparedDataset) -> None:
-    """Everything a run needs besides the images: the plan, splits, dataset.json and the resolved config. A
-    continued run's prepared dataset is its own folder (plans_dir == run_dir): its plan and split stay."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if prepared.plans_dir != run_dir:
-        for name in ("plans.json", "splits.json", "dataset.json"):
-            copy_atomically(prepared.plans_dir / name, run_dir / name)
-    write_text_atomically(run_dir / "config.yaml", config_yaml(cfg))
-
-
-def existing_run_files(run_dir: Path) -> list[str]:
-    """What makes a folder an existing run: its config, its finished marker or any checkpoint. last.ckpt alone
-    is not enough: a kill between the two renames that replace it leaves only previous.ckpt."""
-    names = [FINISHED_MARKER, "config.yaml",
-             *(f"{CHECKPOINTS_DIR}/{n}" for n in (*RESUMABLE_CHECKPOINTS, BEST_CHECKPOINT))]
-    return [name for name in names if (run_dir / name).exists()]
-
-
-def _refuse_existing_run(run_dir: Path) -> None:
-    """Never overwrite a run: a finished or interrupted run is continued explicitly, not restarted (training
-    from epoch 0 in its folder would overwrite best.ckpt and metrics.csv)."""
-    found = existing_run_files(run_dir)
-    if not found:
-        return
-    if any((run_dir / CHECKPOINTS_DIR / name).is_file() for name in RESUMABLE_CHECKPOINTS):
-        fix = (f"continue it with continue_from={run_dir} (trainer.max_epochs=... to train longer), or start a "
-               "new one with a different name=...")
-    else:
-        fix = (f"it stopped before its first checkpoint, so there is nothing to continue: remove {run_dir} to "
-               "train it again, or start a new one with a different name=...")
-    raise ConfigError(f"run folder {run_dir} already holds a run ({', '.join(found)})", fix=fix)
-
-
-def build_datamodule(cfg: BaseConfig, prepared: PreparedDataset, folder: Path, input_size: tuple[int, ...]) -> Any:
-    from viseg.data.loader import SegmentationDataModule
-
-    split = prepared.splits[cfg.fold]
-    return SegmentationDataModule(
-        folder=folder, train_ids=split["train"], val_ids=split["val"], input_patch_size=input_size,
-        batch_size=cfg.batch_size, foreground_labels=list(cfg.foreground_labels), sampling=cfg.sampling,
-        loader=cfg.loader, iterations_per_epoch=cfg.trainer.iterations_per_epoch,
-        val_iterations=cfg.trainer.val_iterations, conv_dim=cfg.model.model_args.conv_dim, seed=cfg.seed,
-        network_patch_size=tuple(cfg.patch_size), ignore_label=prepared.plans.ignore_label)
-
-
-def build_module(cfg: BaseConfig, prepared: PreparedDataset) -> tuple[Any, tuple[int, ...]]:
-    """The LightningModule and the (larger) input size the loader must sample for augmentation."""
-    from viseg.data.augment import BatchAugmenter, augmentation_input_size, is_anisotropic
-    from viseg.labels import LabelEncoding
-    from viseg.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_scales
-    from viseg.model import build_model
-    from viseg.module import SegmentationModule
-
-    plan = prepared.plans.configuration(prepared.configuration)
-    patch = tuple(plan.patch_size)
-    deep = cfg.model.model_args.deep_supervision
-    network = build_model(prepared.plans, prepared.configuration, deep_supervision=deep)
-    n_outputs = len(deep_supervision_scales(plan.network.strides)) if deep else 1
-    labels = LabelEncoding.from_plans(prepared.plans)
-    loss = DeepSupervisionLoss(DiceCELoss(plan.batch_dice, cfg.loss.dice_weight, cfg.loss.ce_weight,
-                                          cfg.loss.class_weights, ignore_index=labels.ignore_index), n_outputs)
-    anisotropic = is_anisotropic(patch, plan.spacing)
-    disabled = type(cfg.augmentation)(enabled=False)
-    module = SegmentationModule(
-        network, loss, labels.num_classes, cfg.optimizer, cfg.lr_scheduler, cfg.trainer.max_epochs,
-        train_transform=BatchAugmenter(patch, cfg.augmentation, anisotropic, labels, plan.use_mask_for_norm),
-        val_transform=BatchAugmenter(patch, disabled, anisotropic, labels, plan.use_mask_for_norm),
-        ignore_index=labels.ignore_index)
-    return module, augmentation_input_size(patch, cfg.augmentation, anisotropic)
-
-
-def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progress: bool) -> Any:
-    import lightning as L
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from viseg.callbacks import EpochSeeder, MetricsHistory, ReportHook, RunCheckpoints
-    from viseg.plans import Plans
-
-    accelerator, devices = accelerator_and_devices(cfg.devices)
-    precision = cfg.trainer.precision
-    if precision == "auto":
-        precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
-    checkpoint_dir = run_dir / "checkpoints"
-    history = MetricsHistory(run_dir)
-    # order matters: the history records the epoch, the checkpoint saves it, then the report sees both
-    plans = Plans.load(run_dir / "plans.json").to_dict()
-    callbacks = [history, RunCheckpoints(checkpoint_dir, config_yaml(cfg), plans), EpochSeeder()]
-    if report is not None:
-        callbacks.append(ReportHook(report, history, checkpoint_dir))
-    return L.Trainer(
-        accelerator=accelerator, devices=devices, precision=precision, max_epochs=cfg.trainer.max_epochs,
-        limit_train_batches=cfg.trainer.iterations_per_epoch, limit_val_batches=cfg.trainer.val_iterations,
-        gradient_clip_val=cfg.trainer.gradient_clip_val, num_sanity_val_steps=0, callbacks=callbacks,
-        logger=TensorBoardLogger(run_dir, name="tensorboard", version=""), enable_checkpointing=False,
-        enable_progress_bar=progress, enable_model_summary=False, deterministic=False, log_every_n_steps=1)
-
-
-def dice_per_class(prediction: np.ndarray, target: np.ndarray, num_classes: int,
-                   ignore_index: int | None = None) -> list[float | None]:
-    """Dice per foreground class; None when both are empty (nnU-Net leaves those out of the mean). Voxels
-    whose target is `ignore_index` are not scored (nnU-Net's evaluation masks them out)."""
-    counted = None if ignore_index is None else target != ignore_index
-    scores: list[float | None] = []
-    for k in range(1, num_classes):
-        pred, true = prediction == k, target == k
-        if counted is not None:
-            pred &= counted
-        denominator = int(pred.sum() + true.sum())
-        scores.append(None if denominator == 0 else 2 * int((pred & true).sum()) / denominator)
-    return scores
-
-
-def validate_full_cases(network: Any, cfg: BaseConfig, prepared: PreparedDataset, folder: Path,
-                        run_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Sliding-window prediction of every validation case of the fold, Dice per class per case; voxels of
-    the ignore label are not scored.
-
-    Evaluated on the preprocessed grid (after resampling to the plan's spacing); exporting to the original
-    grid is the job of `python -m viseg.predict`.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    from viseg.inference import predict_volume
-    from viseg.labels import LabelEncoding
-    from viseg.preprocess import load_case
-
-    plan = prepared.plans.configuration(prepared.configuration)
-    labels = LabelEncoding.from_plans(prepared.plans)
-    device = next(network.parameters()).device
-    network.eval()
-    cases: dict[str, list[float | None]] = {}
-    for case_id in tqdm(prepared.splits[cfg.fold]["val"], desc="Validating", disable=not progress):
-        data, seg, _, _ = load_case(folder, case_id)
-        with torch.autocast(device.type, enabled=device.type == "cuda", dtype=torch.bfloat16):
-            probabilities = predict_volume(network, np.asarray(data), plan.patch_size, labels.num_classes, device)
-        prediction = probabilities.argmax(0).cpu().numpy()
-        target = labels.encode(np.asarray(seg)[0], keep_outside=False)  # outside the mask is background
-        cases[case_id] = dice_per_class(prediction, target, labels.num_classes, labels.ignore_index)
-    per_class = {}
-    for k, label in enumerate(cfg.foreground_labels):
-        values = [scores[k] for scores in cases.values() if scores[k] is not None]
-        per_class[str(label)] = float(np.mean(values)) if values else None
-    defined = [v for v in per_class.values() if v is not None]
-    summary = {"fold": cfg.fold, "cases": {c: dict(zip(map(str, cfg.foreground_labels), s)) for c, s in
-                                           cases.items()},
-               "mean_dice_per_class": per_class, "mean_dice": float(np.mean(defined)) if defined else None}
-    write_json_atomic(run_dir / "validation" / "summary.json", summary)
-    return summary
-
-
-def _fit(trainer: Any, module: Any, datamodule: Any, resume_from: Path | None) -> None:
-    """trainer.fit, resuming from `resume_from` if given. weights_only: a checkpoint is data, never code
-    (viseg checkpoints hold only tensors and plain values), so one that asks to import or call anything is
-    refused, and said so instead of a traceback."""
-    import pickle
-
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
-                    weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if resume_from is None:
-            raise
-        raise ConfigError(f"refusing to resume from {resume_from}: it holds more than tensors and plain values "
-                          f"({str(exc).splitlines()[0]})",
-                          fix="resume only from checkpoints written by viseg; this one was altered or "
-                              "replaced: delete it and start the run again (or under a new name=...)") from None
-
-
-def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: ReportFn | None = None,
-          resume_from: Path | None = None, run_dir: Path | None = None, progress: bool = True,
-          retry: bool = False) -> TrainResult:
-    """Plan and preprocess if needed, train one fold, validate it on whole cases.
-
-    `resume_from` (a Lightning checkpoint) continues a run with its optimizer, scheduler, epoch and
-    callback state; `run_dir` then names the run folder to continue in, and the run goes on with its own
-    plan and split whatever `prepared` holds (see continue_run.own_prepared). `retry`: the caller owns
-    `run_dir` (a sweep trial run again), so a folder with nothing to resume from is trained from the start
-    instead of refused.
-    """
-    import lightning as L
-
-    from viseg.continue_run import is_started, own_prepared
-    from viseg.prepare import prepare
-    from viseg.preprocess import preprocess_dataset
-    from viseg.resolve import resolve_config
-
-    started = time.perf_counter()
-    prepared = prepared or prepare(cfg, progress)
-    run_dir = run_dir or run_dir_for(cfg, prepared)
-    if resume_from is None and not retry:
-        _refuse_existing_run(run_dir)
-    if resume_from is not None and is_started(run_dir):
-        prepared = own_prepared(cfg, run_dir, prepared)
-    cfg = resolve_config(cfg, prepared.plans, prepared.configuration)
-    folder = preprocess_dataset(prepared, cfg.num_processes, progress)
-    # the run folder is written once its data is ready: a failed or killed preprocessing leaves no run behind
-    # (the same command then simply runs again), while any later stop leaves one to continue, never to redo
-    _write_run_files(run_dir, cfg, prepared)
-    L.seed_everything(cfg.seed + cfg.fold, workers=True, verbose=False)
-    module, input_size = build_module(cfg, prepared)
-    datamodule = build_datamodule(cfg, prepared, folder, input_size)
-    trainer = build_trainer(cfg, run_dir, report, progress)
-    _fit(trainer, module, datamodule, resume_from)
-    validation_started = time.perf_counter()
-    validation = validate_full_cases(module.network, cfg, prepared, folder, run_dir, progress)
-    validation_seconds = time.perf_counter() - validation_started
-    result = TrainResult(run_dir=run_dir, epochs=trainer.current_epoch, ema_pseudo_dice=module.ema_pseudo_dice,
-                         validation=validation)
-    # seconds: this call's own time (a resumed run counts only its last part), for the sweep-overhead bench;
-    # validation_seconds: the full-case validation's part of it, for the quality bench (nnU-Net's is timed apart)
-    write_json_atomic(run_dir / FINISHED_MARKER, {"epochs": result.epochs, "ema_pseudo_dice": result.ema_pseudo_dice,
-                                                  "mean_dice": validation["mean_dice"],
-                                                  "seconds": time.perf_counter() - started,
-                                                  "validation_seconds": validation_seconds})
-    return result
+from viseg.cli import run_app
+from viseg.config import BaseConfig, reject_derived_overrides
+from viseg.preprocessing.prepare import prepared_from_run
+from viseg.training.continue_run import continue_config, last_checkpoint
+from viseg.training.train import train
 
 
 def train_command(cfg: BaseConfig) -> int:
     """`python -m viseg.train`: a new run, or `continue_from=<run folder>` to resume one."""
-    from viseg.config import reject_derived_overrides
-
     if cfg.continue_from:
         from hydra.core.hydra_config import HydraConfig
-
-        from viseg.continue_run import continue_config, last_checkpoint
-        from viseg.prepare import prepared_from_run
 
         run_dir = Path(cfg.continue_from)
         cfg = continue_config(run_dir, list(HydraConfig.get().overrides.task))
@@ -305,10 +33,8 @@ def train_command(cfg: BaseConfig) -> int:
     return 0
 
 
-def main() -> None:
-    from viseg.cli import run_app
-
-    run_app(train_command, app="train")
+def main(argv: list[str] | None = None) -> None:
+    run_app(train_command, app="train", argv=argv)
 
 
 if __name__ == "__main__":

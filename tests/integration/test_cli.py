@@ -15,8 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from viseg.demo import DemoSpec, generate_demo_dataset
-from viseg.plans import Plans
+from viseg.data.demo import DemoSpec, generate_demo_dataset
+from viseg.planning.plans import Plans
 
 pytestmark = pytest.mark.slow
 

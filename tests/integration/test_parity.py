@@ -10,8 +10,8 @@ import pytest
 from tests.parity import configuration_differences, fingerprint_differences, load_json
 from viseg.data.pathfinders import get_pathfinder
 from viseg.data.splits import kfold_splits
-from viseg.fingerprint import extract_fingerprint
-from viseg.plan import PlannerSettings, make_plans
+from viseg.planning.fingerprint import extract_fingerprint
+from viseg.planning.planner import PlannerSettings, make_plans
 
 pytestmark = pytest.mark.slow
 

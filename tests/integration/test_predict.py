@@ -27,17 +27,17 @@ from scipy.ndimage import label as connected_components
 from tests.helpers import compose_typed
 from viseg.config import PredictConfig
 from viseg.data.dataset import Case, ImageSource
-from viseg.data.io import read_case
-from viseg.ensemble import load_ensemble, resolve_model
+from viseg.data.nifti import read_case
+from viseg.data.prediction_inputs import find_cases
 from viseg.errors import ConfigError
-from viseg.export import keep_largest_component, probabilities_to_labels, revert_geometry
-from viseg.model import build_model
-from viseg.plans import plans_from_dict
+from viseg.inference.ensemble import load_ensemble, resolve_model
+from viseg.inference.export import keep_largest_component, probabilities_to_labels, revert_geometry
+from viseg.planning.network import build_model
+from viseg.planning.plans import plans_from_dict
 from viseg.predict import predict_command
-from viseg.predict_inputs import find_cases
-from viseg.prepare import prepare
-from viseg.preprocess import preprocess_case
-from viseg.train import train
+from viseg.preprocessing.prepare import prepare
+from viseg.preprocessing.preprocess import preprocess_case
+from viseg.training.train import train
 
 pytestmark = pytest.mark.slow
 

@@ -15,11 +15,11 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.helpers import compose_typed
-from viseg.demo import DemoSpec, generate_demo_dataset
+from viseg.data.demo import DemoSpec, generate_demo_dataset
 from viseg.errors import ConfigError
-from viseg.prepare import prepare
-from viseg.preprocess import preprocess_dataset
-from viseg.train import run_dir_for, train
+from viseg.preprocessing.prepare import prepare
+from viseg.preprocessing.preprocess import preprocess_dataset
+from viseg.training.train import run_dir_for, train
 
 pytestmark = pytest.mark.slow
 
@@ -172,7 +172,7 @@ def test_an_ignore_label_is_trained_around_and_never_predicted(demo: Path, tmp_p
     import numpy as np
 
     from viseg.config import PredictConfig
-    from viseg.predict import predict_command
+    from viseg.inference.predict import predict_command
 
     sparse = tmp_path / "sparse"
     shutil.copytree(demo, sparse)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from tests.helpers import compose_typed
-from viseg.demo import DemoSpec, generate_demo_dataset
+from viseg.data.demo import DemoSpec, generate_demo_dataset
 from viseg.sweep.best import cached_key, select_best
-from viseg.train import train
+from viseg.training.train import train
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import compose_typed
-from viseg.demo import DemoSpec, generate_demo_dataset
-from viseg.train import train
+from viseg.data.demo import DemoSpec, generate_demo_dataset
+from viseg.training.train import train
 
 pytestmark = pytest.mark.slow
 

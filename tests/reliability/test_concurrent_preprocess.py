@@ -16,10 +16,16 @@ import numpy as np
 import pytest
 
 from tests.helpers import compose_typed
-from viseg.demo import DemoSpec, generate_demo_dataset
-from viseg.jsonio import read_json
-from viseg.prepare import prepare
-from viseg.preprocess import folder_lock, is_case_complete, load_case, preprocess_dataset, preprocessed_dir
+from viseg.data.demo import DemoSpec, generate_demo_dataset
+from viseg.io.jsonio import read_json
+from viseg.preprocessing.prepare import prepare
+from viseg.preprocessing.preprocess import (
+    folder_lock,
+    is_case_complete,
+    load_case,
+    preprocess_dataset,
+    preprocessed_dir,
+)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -28,8 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 WORKER = textwrap.dedent("""
     import logging, sys
     from tests.helpers import compose_typed
-    from viseg.prepare import prepare
-    from viseg.preprocess import preprocess_dataset
+    from viseg.preprocessing.prepare import prepare
+    from viseg.preprocessing.preprocess import preprocess_dataset
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     preprocess_dataset(prepare(compose_typed("anatomy_config", sys.argv[1:]), progress=False),
                        num_processes=1, progress=False)

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from tests.helpers import compose_typed
-from viseg.checkpoints import unreadable_reason
-from viseg.demo import DemoSpec, generate_demo_dataset
-from viseg.jsonio import read_json
+from viseg.data.demo import DemoSpec, generate_demo_dataset
+from viseg.io.checkpoints import unreadable_reason
+from viseg.io.jsonio import read_json
 
 pytestmark = pytest.mark.slow
 
@@ -92,8 +92,8 @@ def preprocessed_markers(cache: Path) -> list[Path]:
 
 
 def test_kill_mid_preprocessing_leaves_a_cache_identical_to_an_uninterrupted_one(demo: Path, tmp_path: Path):
-    from viseg.prepare import prepare
-    from viseg.preprocess import load_case, preprocess_dataset
+    from viseg.preprocessing.prepare import prepare
+    from viseg.preprocessing.preprocess import load_case, preprocess_dataset
 
     args = overrides(demo, tmp_path, epochs=1)
     process = start_training(args)

@@ -66,7 +66,7 @@ def test_a_header_claiming_more_than_gzip_can_hold_is_refused_before_any_voxel_i
 
 
 def test_an_uncompressed_file_shorter_than_its_header_claims_is_refused(tmp_path: Path):
-    from viseg.data.io import read_header
+    from viseg.data.nifti import read_header
 
     path = lying_header(tmp_path / "short.nii", shape=(64, 64, 64), compress=False)
     with pytest.raises(DatasetError, match=r"64x64x64 voxels of float32 \(1 MiB of voxel data\), but the file "
@@ -78,7 +78,7 @@ def test_an_uncompressed_file_shorter_than_its_header_claims_is_refused(tmp_path
 def test_an_honest_volume_over_the_memory_budget_is_refused_and_names_the_setting(tmp_path: Path,
                                                                                 small_budget: None):
     from viseg.data.dataset import Case, ImageSource
-    from viseg.data.io import read_case, read_header
+    from viseg.data.nifti import read_case, read_header
 
     honest = tmp_path / "honest.nii.gz"
     write_nifti(np.random.default_rng(0).normal(size=(16, 64, 64)).astype(np.float32), honest)  # 256 KiB
@@ -94,7 +94,7 @@ def test_an_honest_volume_over_the_memory_budget_is_refused_and_names_the_settin
 @pytest.mark.parametrize("value", ["lots", "0", "-1", "nan"])
 def test_a_malformed_budget_is_a_config_error_naming_the_variable(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch, value: str):
-    from viseg.data.io import read_header
+    from viseg.data.nifti import read_header
 
     path = tmp_path / "small.nii.gz"
     write_nifti(np.zeros(SHAPE, np.float32), path)
@@ -120,7 +120,8 @@ def test_verify_reports_the_lying_header_with_the_other_cases_checked(tmp_path: 
 
 def test_a_spacing_in_cm_written_as_mm_is_refused_before_resampling_allocates():
     """A CT of 100 x 512 x 512 at (2.5, 0.7, 0.7) mm whose header says (25, 7, 7): 1000x the voxels, 105 GB."""
-    from viseg.resampling import check_resampled_size, compute_new_shape
+    from viseg.planning.geometry import compute_new_shape
+    from viseg.preprocessing.resampling import check_resampled_size
 
     target = (2.5, 0.7, 0.7)
     check_resampled_size("ct_ok", (100, 512, 512), compute_new_shape((100, 512, 512), target, target), 1, target,
@@ -137,8 +138,8 @@ def test_a_spacing_in_cm_written_as_mm_is_refused_before_resampling_allocates():
 
 def test_preprocessing_a_case_names_it_when_its_resampled_size_exceeds_the_budget(tmp_path: Path,
                                                                                 small_budget: None):
-    from viseg.prepare import prepare
-    from viseg.preprocess import preprocess_case
+    from viseg.preprocessing.prepare import prepare
+    from viseg.preprocessing.preprocess import preprocess_case
 
     ds = make_tiny_dataset(tmp_path / "Dataset001_Tiny", channels=("MRI",))
     cfg = compose_typed("anatomy_config", [
@@ -161,7 +162,7 @@ def test_preprocessing_a_case_names_it_when_its_resampled_size_exceeds_the_budge
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(run folder, a training image): one channel, trained for a single iteration (predict needs weights, not
     good ones)."""
-    from viseg.train import train
+    from viseg.training.train import train
 
     work = tmp_path_factory.mktemp("hostile_run")
     ds = make_tiny_dataset(work / "Dataset001_Tiny", channels=("MRI",))
@@ -202,9 +203,9 @@ def test_any_exception_fails_only_its_case(tiny_run: tuple[Path, Path], tmp_path
                                            monkeypatch: pytest.MonkeyPatch):
     """A MemoryError (or any bug) is no VisegError: before, the first one ended the whole folder."""
     from viseg.data import io
-    from viseg.ensemble import load_ensemble
-    from viseg.predict import InferenceOptions, predict_cases
-    from viseg.predict_inputs import find_cases
+    from viseg.data.prediction_inputs import find_cases
+    from viseg.inference.ensemble import load_ensemble
+    from viseg.inference.predict import InferenceOptions, predict_cases
 
     run_dir, good = tiny_run
     inputs = tmp_path / "input"
@@ -232,7 +233,7 @@ def test_any_exception_fails_only_its_case(tiny_run: tuple[Path, Path], tmp_path
 def test_predict_checks_headers_before_reading_voxels(tmp_path: Path):
     """Dimensions, channels and spacing, for inputs that never went through verify."""
     from viseg.data.dataset import Case, ImageSource
-    from viseg.predict_inputs import check_case_headers
+    from viseg.data.prediction_inputs import check_case_headers
 
     three_d, four_d, flat = tmp_path / "a_0000.nii.gz", tmp_path / "b.nii.gz", tmp_path / "c_0000.nii.gz"
     write_nifti(np.zeros(SHAPE, np.float32), three_d)
@@ -308,7 +309,7 @@ def test_a_link_planted_at_the_temporary_name_is_not_followed(tmp_path: Path, mo
 
 
 def test_a_link_swapped_in_while_writing_is_not_installed(tmp_path: Path):
-    from viseg.atomic import write_atomically
+    from viseg.io.atomic import write_atomically
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
@@ -326,7 +327,7 @@ def test_a_link_swapped_in_while_writing_is_not_installed(tmp_path: Path):
 def test_temporary_names_are_unique_across_hosts_and_calls(tmp_path: Path):
     import socket
 
-    from viseg.atomic import temporary_name
+    from viseg.io.atomic import temporary_name
 
     names = {temporary_name(tmp_path / "last.ckpt") for _ in range(50)}
     assert len(names) == 50
@@ -339,7 +340,7 @@ def test_temporary_names_are_unique_across_hosts_and_calls(tmp_path: Path):
 
 def test_two_files_for_one_decathlon_case_are_refused_naming_both(tmp_path: Path):
     """`a.nii` and `a.nii.gz` are both case `a`: the second prediction would overwrite the first."""
-    from viseg.predict_inputs import find_cases
+    from viseg.data.prediction_inputs import find_cases
 
     folder = tmp_path / "input"
     folder.mkdir()

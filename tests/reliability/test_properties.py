@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from viseg.errors import ConfigError
-from viseg.fingerprint import Fingerprint
-from viseg.networks import ARCHITECTURES, get_architecture
-from viseg.plan import PlannerSettings, make_plans
-from viseg.plans import ConfigurationPlan, Plans, plans_from_dict
+from viseg.planning.architectures import ARCHITECTURES, get_architecture
+from viseg.planning.fingerprint import Fingerprint
+from viseg.planning.planner import PlannerSettings, make_plans
+from viseg.planning.plans import ConfigurationPlan, Plans, plans_from_dict
 from viseg.sweep.parse import parse_request
 from viseg.sweep.spec import SWEEP_KEYS, parse_folds, variant_name
 

@@ -33,7 +33,7 @@ from tests.reliability.tiny import REPO, TinyDataset, make_tiny_dataset, run_vis
 from viseg.config import BaseConfig
 from viseg.data.dataset import DatasetInfo
 from viseg.errors import ConfigError
-from viseg.prepare import PreparedDataset, dataset_cache_dir
+from viseg.preprocessing.prepare import PreparedDataset, dataset_cache_dir
 
 VISEG = REPO / "viseg"
 
@@ -90,7 +90,7 @@ def test_config_import_paths_are_refused_in_process(payload: Payload, key: str, 
 
 def test_registry_lookups_never_import(payload: Payload) -> None:
     from viseg.data.pathfinders import get_pathfinder
-    from viseg.networks import get_architecture
+    from viseg.planning.architectures import get_architecture
     from viseg.schedulers import build_scheduler
 
     with pytest.raises(ConfigError, match="unknown architecture"):
@@ -139,7 +139,7 @@ def test_command_lines_refuse_import_paths(payload: Payload, tmp_path: Path) -> 
 
 def test_checkpoint_config_naming_an_import_path_is_refused(payload: Payload, tmp_path: Path) -> None:
     """A checkpoint's saved config goes through the same registries (the predict loader)."""
-    from viseg.ensemble import load_ensemble
+    from viseg.inference.ensemble import load_ensemble
 
     for key, value in (("lr_scheduler.type", payload.path("run")), ("model.model_cls", payload.path("Popen")),
                        ("dataset.pathfinder", payload.path("Finder"))):
@@ -154,9 +154,9 @@ def test_checkpoint_config_naming_an_import_path_is_refused(payload: Payload, tm
 
 def test_checkpoint_plan_naming_an_import_path_is_refused(payload: Payload, tmp_path: Path) -> None:
     """The plan inside a checkpoint names the architecture the network is built from: a registry key too."""
-    from viseg.ensemble import load_ensemble
-    from viseg.fingerprint import Fingerprint
-    from viseg.plan import PlannerSettings, make_plans
+    from viseg.inference.ensemble import load_ensemble
+    from viseg.planning.fingerprint import Fingerprint
+    from viseg.planning.planner import PlannerSettings, make_plans
 
     fingerprint = Fingerprint(
         dataset_name="x", dataset_signature="x", channel_names=["MRI"], labels={"background": 0, "organ": 1},
@@ -362,7 +362,7 @@ def test_the_crafted_checkpoint_is_live(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
 def test_predict_loader_refuses_code_in_a_checkpoint(tmp_path: Path, legacy: bool) -> None:
-    from viseg.ensemble import load_ensemble
+    from viseg.inference.ensemble import load_ensemble
 
     marker = tmp_path / "ran.marker"
     run_dir = fake_run_dir(tmp_path / "run" / "fold_0")
@@ -395,9 +395,9 @@ class ResolvedRun:
 def resolved_run(tmp_path: Path, dataset: TinyDataset) -> ResolvedRun:
     """A run folder as python -m viseg.train leaves it (plan, splits, fully resolved config), without the
     training: planning the tiny dataset in-process is enough for continue_from to accept it."""
-    from viseg.prepare import prepare
-    from viseg.resolve import resolve_config
-    from viseg.train import config_yaml, run_dir_for
+    from viseg.preprocessing.prepare import prepare
+    from viseg.training.resolve import resolve_config
+    from viseg.training.train import config_yaml, run_dir_for
 
     cfg = compose_typed("anatomy_config", [
         f"dataset.basepath={dataset.root}", f"paths.cache={tmp_path / 'cache'}",
@@ -417,7 +417,7 @@ def test_resuming_refuses_code_in_a_checkpoint(tmp_path: Path) -> None:
     """Both ways a run resumes: `python -m viseg.train continue_from=...`, which picks a checkpoint that
     loads with weights_only=True first, and train(resume_from=...), which every resume ends in (a sweep
     trial also with the copy Ray kept), where Lightning loads it with weights_only=True."""
-    from viseg.train import train
+    from viseg.training.train import train
 
     marker = tmp_path / "ran.marker"
     run = resolved_run(tmp_path, make_tiny_dataset(tmp_path / "Dataset001_Tiny", channels=("MRI",)))

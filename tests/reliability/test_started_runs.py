@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import compose_typed
-from viseg.checkpoints import keep_previous
-from viseg.continue_run import last_checkpoint, split_changes
-from viseg.demo import DemoSpec, generate_demo_dataset
+from viseg.data.demo import DemoSpec, generate_demo_dataset
 from viseg.errors import ConfigError, DatasetError
-from viseg.prepare import prepare
-from viseg.run_layout import BEST_CHECKPOINT, CHECKPOINTS_DIR, FINISHED_MARKER, LAST_CHECKPOINT, PREVIOUS_CHECKPOINT
-from viseg.train import _refuse_existing_run, train
+from viseg.io.checkpoints import keep_previous
+from viseg.io.layout import BEST_CHECKPOINT, CHECKPOINTS_DIR, FINISHED_MARKER, LAST_CHECKPOINT, PREVIOUS_CHECKPOINT
+from viseg.preprocessing.prepare import prepare
+from viseg.training.continue_run import last_checkpoint, split_changes
+from viseg.training.train import _refuse_existing_run, train
 
 pytestmark = pytest.mark.slow
 

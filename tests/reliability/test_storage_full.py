@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.sweep_runs import TINY, epochs_in, run_folders, start_sweep, sweep, wait_for
-from viseg.checkpoints import unreadable_reason
+from viseg.io.checkpoints import unreadable_reason
 
 pytestmark = pytest.mark.slow
 
@@ -149,7 +149,7 @@ def test_a_volume_too_small_for_the_sweep_truncates_ray_state_and_resume_still_w
 def test_full_cache_and_results_volume_fails_a_training_run_clearly_and_the_rerun_completes(volume: Path,
                                                                                             tmp_path: Path):
     """The single-run path: preprocessing into a full cache and a run folder on a full volume."""
-    from viseg.demo import DemoSpec, generate_demo_dataset
+    from viseg.data.demo import DemoSpec, generate_demo_dataset
 
     demo = generate_demo_dataset(tmp_path / "demo", DemoSpec(n_cases=6), progress=False)
     args = [f"dataset.basepath={demo}", f"paths.cache={volume / 'cache'}", f"paths.results={volume / 'results'}",

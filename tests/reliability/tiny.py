@@ -28,7 +28,7 @@ CASE_IDS = ("case_000", "case_001", "case_002")
 
 def write_nifti(arr_zyx: np.ndarray, path: Path, spacing_zyx: tuple[float, ...] = SPACING,
                 affine: np.ndarray | None = None) -> None:
-    """(z, y, x) data written as nibabel's (x, y, z), the inverse of viseg.data.io's reader."""
+    """(z, y, x) data written as nibabel's (x, y, z), the inverse of viseg.data.nifti's reader."""
     if affine is None:
         sx, sy, sz = [*reversed(spacing_zyx), 1.0, 1.0, 1.0][:3]
         affine = np.diag([sx, sy, sz, 1.0])

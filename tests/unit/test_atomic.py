@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from viseg.atomic import copy_atomically, write_atomically, write_text_atomically
 from viseg.errors import StorageFullError, is_storage_full, storage_full, unwritable_file
+from viseg.io.atomic import copy_atomically, write_atomically, write_text_atomically
 from viseg.sweep.ray_state import SweepTrials, file_problem, set_aside_damaged_state
 
 
@@ -114,7 +114,7 @@ def test_ray_state_that_ray_would_restart_from_is_damaged(tmp_path: Path, name: 
 
 def test_a_checkpoint_on_a_full_disk_says_to_continue_the_run_not_to_run_the_command_again(tmp_path: Path):
     """The run folder exists by then, and the same `viseg.train` command refuses an existing run."""
-    from viseg.callbacks import atomic_save_checkpoint
+    from viseg.training.callbacks import atomic_save_checkpoint
 
     class TrainerOnAFullDisk:  # Lightning's save_checkpoint as a full volume ends it: half a file, then ENOSPC
         def save_checkpoint(self, path: Path, weights_only: bool = False) -> None:

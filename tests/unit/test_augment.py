@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from viseg.config import AugmentationConfig
-from viseg.data.augment import (
+from viseg.data.labels import LabelEncoding
+from viseg.training.augment import (
     BatchAugmenter,
     affine_matrices,
     apply_along_axes,
@@ -20,7 +21,6 @@ from viseg.data.augment import (
     low_resolution_matrices,
     resample,
 )
-from viseg.labels import LabelEncoding
 
 PROBABILITIES = ("p_rotation", "p_scaling", "p_gaussian_noise", "p_gaussian_blur", "p_brightness", "p_contrast",
                  "p_low_resolution", "p_gamma", "p_gamma_inverted", "p_mirror")

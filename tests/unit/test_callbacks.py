@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 import matplotlib
 matplotlib.use("svg")  # what a user's own code may have chosen: the plot must leave it so
-from viseg.callbacks import plot_progress
+from viseg.training.callbacks import plot_progress
 rows = [{"epoch": e, "train/loss": 1.0 / (e + 1), "val/loss": 1.2 / (e + 1), "val/mean_pseudo_dice": 0.1 * e,
          "val/ema_pseudo_dice": 0.08 * e, "lr": 0.01, "epoch_time": 3.0} for e in range(4)]
 plot_progress(rows, Path(sys.argv[1]))

@@ -8,7 +8,6 @@ import pytest
 from hydra.core.config_store import ConfigStore
 
 from tests.helpers import compose_typed
-from viseg.cli import conf_dir
 from viseg.config import (
     BaseConfig,
     PlainConvUnet2DArgs,
@@ -17,6 +16,7 @@ from viseg.config import (
     reject_derived_overrides,
 )
 from viseg.errors import ConfigError
+from viseg.resources import conf_dir
 
 PRIMARY_CONFIGS = sorted(p.stem for p in conf_dir().glob("*_config.yaml"))
 

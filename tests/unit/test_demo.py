@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from viseg.data.io import read_case
-from viseg.data.pathfinders import DefaultNNUnetFormatPathFinder
-from viseg.demo import (
+from viseg.data.demo import (
     MARKER,
     DemoSpec,
     demo_dataset_dir,
     ensure_demo_dataset,
     generate_demo_dataset,
-    main,
 )
+from viseg.data.nifti import read_case
+from viseg.data.pathfinders import DefaultNNUnetFormatPathFinder
+from viseg.demo import main
 from viseg.errors import ConfigError
-from viseg.jsonio import read_json, write_json_atomic
+from viseg.io.jsonio import read_json, write_json_atomic
 
 N_CASES = 4
 

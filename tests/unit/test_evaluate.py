@@ -15,8 +15,8 @@ import pytest
 from scipy import ndimage
 
 from viseg.errors import ConfigError, DatasetError
-from viseg.evaluate import EvaluateConfig, evaluate_folders, labels_from_dataset_json, summarize
-from viseg.metrics import binary_metrics, label_map_metrics, region_key
+from viseg.evaluation.evaluate import EvaluateConfig, evaluate_folders, labels_from_dataset_json, summarize
+from viseg.evaluation.metrics import binary_metrics, label_map_metrics, region_key
 
 SPACING = (2.0, 1.0, 1.5)  # (z, y, x) mm of the synthetic NIfTI files
 
@@ -145,7 +145,7 @@ def test_labels_from_dataset_json(tmp_path: Path) -> None:
 
 
 def save_label(arr_zyx: np.ndarray, path: Path, spacing_zyx: tuple[float, ...] = SPACING) -> None:
-    """Written as (x, y, z) with pixdim (sx, sy, sz), so viseg.data.io reads it back as (z, y, x)."""
+    """Written as (x, y, z) with pixdim (sx, sy, sz), so viseg.data.nifti reads it back as (z, y, x)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     affine = np.diag([*reversed(spacing_zyx), 1.0])
     nib.save(nib.Nifti1Image(np.ascontiguousarray(arr_zyx.transpose(2, 1, 0)).astype(np.uint8), affine), str(path))

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from tests.parity import fingerprint_from_reference
+from viseg.data.labels import LabelEncoding, choose_foreground_labels, class_labels, ignore_label_problem
 from viseg.errors import ConfigError
-from viseg.labels import LabelEncoding, choose_foreground_labels, class_labels, ignore_label_problem
-from viseg.model import build_model
-from viseg.plan import PlannerSettings, make_plans
+from viseg.planning.network import build_model
+from viseg.planning.planner import PlannerSettings, make_plans
 
 LABELS = {"background": 0, "organ": 1, "vessel": 2, "ignore": 3}
 

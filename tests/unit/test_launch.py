@@ -4,6 +4,7 @@ on a real two-node cluster in tests/integration/test_cluster.py)."""
 from __future__ import annotations
 
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -17,18 +18,27 @@ def load(name: str) -> dict:
     return yaml.safe_load((LAUNCH / name).read_text())
 
 
-def test_runtime_env_is_valid_and_keeps_the_upload_small(tmp_path: Path):
+def test_runtime_env_is_valid_and_the_upload_is_viseg_as_its_wheel_installs_it(tmp_path: Path):
+    """What submit.sh uploads: the wheel built from the checkout, unpacked without dependencies."""
     from ray._private.runtime_env.packaging import create_package
     from ray.runtime_env import RuntimeEnv
 
     env = load("runtime_env.yaml")
     RuntimeEnv(**env)  # Ray's validation of the fields
+    assert "working_dir" not in env and "py_modules" not in env  # submit.sh gives the staged wheel
+    script = (LAUNCH / "submit.sh").read_text()
+    assert "pip wheel --no-deps" in script and '--working-dir "$stage/job"' in script
+    stage = tmp_path / "job"
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+                   check=True, capture_output=True)
+    subprocess.run([*pip, "install", "--no-deps", "-q", "--target", str(stage), *map(str, tmp_path.glob("*.whl"))],
+                   check=True, capture_output=True)
     package = tmp_path / "working_dir.zip"
-    # without .gitignore: the excludes alone must keep environments, results and caches out
-    create_package(str(REPO), package, include_gitignore=False, excludes=env["excludes"])
-    names = zipfile.ZipFile(package).namelist()
-    assert {"viseg/sweep/__main__.py", "conf/anatomy_config.yaml", "sweeps/demo.yaml"} <= set(names)
-    assert not [n for n in names if n.split("/")[0] in {".venv", ".git", "results", ".viseg_cache", "tests"}]
+    create_package(str(stage), package, include_gitignore=False, excludes=env["excludes"])
+    names = set(zipfile.ZipFile(package).namelist())
+    assert {"viseg/sweep/__main__.py", "viseg/conf/anatomy_config.yaml", "viseg/sweeps/demo.yaml"} <= names
+    assert {n.split("/")[0] for n in names} <= {"viseg", "bin"} | {n.split("/")[0] for n in names if ".dist-info" in n}
     assert package.stat().st_size < 5 * 2**20  # Ray 2.60 refuses 512 MiB and warns from 256 MiB
 
 
@@ -44,7 +54,8 @@ def test_cluster_yaml_passes_ray_up_validation_and_keeps_the_head_free_of_trials
     assert all("RAY_AUTH_MODE=token" in command for command in starts)
     setup = config["setup_commands"]
     torch_at = next(i for i, c in enumerate(setup) if "torch==2.13.0" in c)
-    viseg_at = next(i for i, c in enumerate(setup) if c.rstrip().endswith("-e ~/viseg"))
+    viseg_at = next(i for i, c in enumerate(setup) if c.rstrip().endswith("constraints.txt ~/viseg"))
+    assert not [c for c in setup if "-e ~/viseg" in c]  # a normal install: jobs bring their own viseg
     assert torch_at < viseg_at  # torch first, so viseg's dependencies never replace it
 
 

@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from viseg.config import LoaderConfig, SamplingConfig
-from viseg.data.loader import PatchSampler, SegmentationDataModule, TrainingBatches
+from viseg.data.labels import LabelEncoding
 from viseg.errors import DatasetError
-from viseg.labels import LabelEncoding
+from viseg.training.loader import PatchSampler, SegmentationDataModule, TrainingBatches
 
 OUTSIDE = LabelEncoding.OUTSIDE
 
@@ -255,7 +255,7 @@ class _Recorder(L.LightningModule):
 
 
 class _SetEpoch(L.Callback):
-    """What the documented contract asks of the training loop (viseg.callbacks.EpochSeeder does this)."""
+    """What the documented contract asks of the training loop (viseg.training.callbacks.EpochSeeder does this)."""
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.datamodule.set_epoch(trainer.current_epoch)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from viseg.inference import gaussian_importance, predict_volume, sliding_window_logits, window_starts
-from viseg.labels import LabelEncoding
-from viseg.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_scales, deep_supervision_weights
-from viseg.module import confusion_counts
-from viseg.train import dice_per_class
+from viseg.data.labels import LabelEncoding
+from viseg.evaluation.metrics import dice_per_label
+from viseg.inference.sliding_window import gaussian_importance, predict_volume, sliding_window_logits, window_starts
+from viseg.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_scales, deep_supervision_weights
+from viseg.training.module import confusion_counts
 
 
 def test_deep_supervision_weights_match_nnunet():
@@ -101,8 +101,8 @@ def test_confusion_counts_and_dice():
     target = torch.tensor([[0, 1, 2, 2]])
     counts = confusion_counts(prediction, target, 3)
     assert counts.tolist() == [[1, 1], [1, 0], [0, 1]]
-    assert dice_per_class(prediction.numpy(), target.numpy(), 3) == [2 / 3, 2 / 3]
-    assert dice_per_class(np.zeros(4), np.zeros(4), 2) == [None]
+    assert dice_per_label(prediction.numpy(), target.numpy(), (1, 2)) == {"1": 2 / 3, "2": 2 / 3}
+    assert dice_per_label(np.zeros(4), np.zeros(4), (1,)) == {"1": None}
 
 
 def test_the_encoding_keeps_only_foreground_labels():
@@ -161,4 +161,4 @@ def test_pseudo_dice_and_validation_dice_skip_ignored_voxels():
     counts = confusion_counts(prediction, target, 3, ignore_index=IGNORE)
     assert counts.tolist() == [[1, 1], [1, 0], [0, 1]]
     assert confusion_counts(prediction, target, 3).tolist() != counts.tolist()
-    assert dice_per_class(prediction.numpy(), target.numpy(), 3, ignore_index=IGNORE) == [2 / 3, 2 / 3]
+    assert dice_per_label(prediction.numpy(), target.numpy(), (1, 2), ignore_label=IGNORE) == {"1": 2 / 3, "2": 2 / 3}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.parity import fingerprint_from_reference
-from viseg.model import build_model
-from viseg.plan import PlannerSettings, make_plans
+from viseg.planning.network import build_model
+from viseg.planning.planner import PlannerSettings, make_plans
 
 
 def _network(shared: Path, architecture: str) -> torch.nn.Module:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from viseg.data.dataset import Discovery, ImageSource
-from viseg.data.io import read_case
+from viseg.data.nifti import read_case
 from viseg.data.pathfinders import (
     PATHFINDERS,
     DecathlonPathFinder,
@@ -28,7 +28,7 @@ SPACING = (2.0, 1.0, 1.0)  # (z, y, x) mm
 
 
 def save_nifti(arr: np.ndarray, path: Path, spacing_zyx: tuple[float, ...] = SPACING) -> None:
-    """Write (z, y, x) or (c, z, y, x) data as nibabel's (x, y, z[, c]), the layout viseg.data.io reads."""
+    """Write (z, y, x) or (c, z, y, x) data as nibabel's (x, y, z[, c]), the layout viseg.data.nifti reads."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arr_xyz = np.ascontiguousarray(arr.transpose(*reversed(range(arr.ndim))))
     sz, sy, sx = spacing_zyx

@@ -10,8 +10,8 @@ import pytest
 
 from tests.parity import configuration_differences, fingerprint_from_files, fingerprint_from_reference, load_json
 from viseg.errors import ConfigError
-from viseg.networks import get_architecture
-from viseg.plan import (
+from viseg.planning.architectures import get_architecture
+from viseg.planning.planner import (
     ConfigurationInputs,
     PlannerSettings,
     get_pool_and_conv_props,
@@ -19,7 +19,7 @@ from viseg.plan import (
     make_plans,
     plan_configuration,
 )
-from viseg.plans import Plans
+from viseg.planning.plans import Plans
 
 REFERENCES = ["acdc", "synth_aniso", "synth_iso"]
 # nnU-Net's plans for synthetic fingerprints of large images (bench/make_lowres_plan_references.py): two that
@@ -221,7 +221,7 @@ def test_base_num_features_scales_the_network_and_nothing_else(shared: Path):
 def test_plan_folder_names_of_existing_caches_do_not_change():
     """Settings added later enter a plan folder's name only when set: caches and run folders made before
     keep their names (these are the names the first release gave)."""
-    from viseg.prepare import plans_dir_for
+    from viseg.preprocessing.prepare import plans_dir_for
 
     assert plans_dir_for(Path("c"), PlannerSettings()).name == "PlainConvUNet-3d_fullres-84849d37"
     assert plans_dir_for(Path("c"), PlannerSettings(architecture="ResidualEncoderUNet", patch_size=(16, 32, 32))

@@ -17,11 +17,12 @@ from omegaconf import OmegaConf
 from scipy.ndimage import binary_fill_holes
 
 from viseg.config import BaseConfig, PlainConvUnet2DConfig, PlainConvUnet3DConfig
-from viseg.data.io import read_case
-from viseg.demo import DemoSpec, generate_demo_dataset
-from viseg.plans import Plans
-from viseg.prepare import PreparedDataset, prepare
-from viseg.preprocess import (
+from viseg.data.demo import DemoSpec, generate_demo_dataset
+from viseg.data.nifti import read_case
+from viseg.planning.geometry import compute_new_shape
+from viseg.planning.plans import Plans
+from viseg.preprocessing.prepare import PreparedDataset, prepare
+from viseg.preprocessing.preprocess import (
     CaseProperties,
     crop_to_nonzero,
     is_case_complete,
@@ -32,7 +33,11 @@ from viseg.preprocess import (
     preprocessed_dir,
     sample_foreground_locations,
 )
-from viseg.resampling import compute_new_shape, determine_separate_z, resample_image, resample_segmentation
+from viseg.preprocessing.resampling import (
+    determine_separate_z,
+    resample_image,
+    resample_segmentation,
+)
 
 LABELS = {-1, 0, 1, 2, 3}
 
@@ -223,7 +228,7 @@ def test_resampling_rules():
 def test_second_call_does_no_work(fullres, caplog: pytest.LogCaptureFixture):
     prepared, folder = fullres
     before = mtimes(folder)
-    with caplog.at_level(logging.INFO, logger="viseg.preprocess"):
+    with caplog.at_level(logging.INFO, logger="viseg.preprocessing.preprocess"):
         assert preprocess_dataset(prepared, progress=False) == folder
     assert mtimes(folder) == before
     assert "4 cases already preprocessed" in caplog.text

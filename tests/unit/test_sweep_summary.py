@@ -179,7 +179,7 @@ def test_empty_experiment(tmp_path):
 
 def test_the_variant_name_summary_prints_is_the_one_predict_and_best_take(tmp_path: Path):
     """Two plans holding a variant of the same name: every command must call each one the same."""
-    from viseg.ensemble import experiment_variants
+    from viseg.inference.ensemble import experiment_variants
     from viseg.sweep.summary import summarize
 
     experiment = tmp_path / "sweep"

@@ -268,8 +268,8 @@ class DecathlonPathFinder(PathFinder):
         return entries if isinstance(entries, list) else []
 
     def _extract_channelnames_from_folder(self) -> list[str]:
-        from viseg.data.io import read_header
 
+        from viseg.data.nifti import read_header
         entries = [e for e in self._training_entries() if isinstance(e, dict) and "image" in e]
         if not entries:
             return []

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from viseg.errors import ConfigError, DatasetError
-from viseg.jsonio import read_json, write_json_atomic
+from viseg.io.jsonio import read_json, write_json_atomic
 
 Split = dict[str, list[str]]
 

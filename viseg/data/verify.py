@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from viseg.data.dataset import Case, DatasetInfo, Discovery, Problem, Severity
-from viseg.data.io import READ_ERRORS, VolumeHeader, read_header, read_voxels
+from viseg.data.labels import IGNORE, ignore_label_problem
+from viseg.data.nifti import READ_ERRORS, VolumeHeader, read_header, read_voxels
 from viseg.errors import DatasetError
-from viseg.labels import IGNORE, ignore_label_problem
 from viseg.parallel import parallel_map
 
 SPACING_RTOL = 1e-3  # relative: exporters round spacings differently; 1e-3 still catches real resampling

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+
+from viseg.cli import configure_logging, user_error
+from viseg.resources import sweeps_dir
+from viseg.sweep.commands import run
 
 HELP = """\
 python -m viseg.sweep [--config-name=anatomy_config|lesion_config] [sweep=<spec>] [key=value ...]
@@ -58,17 +61,11 @@ def _normalise_args(args: list[str]) -> list[str]:
     return out
 
 
-def sweeps_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "sweeps"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--help" in args or "-h" in args:
         print(HELP)
         return 0
-    from viseg.cli import configure_logging, user_error
-    from viseg.sweep.commands import run
 
     configure_logging()
     try:

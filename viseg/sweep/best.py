@@ -30,10 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from viseg.atomic import write_atomically
+from viseg.cli import to_typed
+from viseg.config import BaseConfig
 from viseg.errors import ConfigError
-from viseg.jsonio import read_json, write_json_atomic
-from viseg.run_layout import FINISHED_MARKER, describe_weights
+from viseg.inference.ensemble import checkpoint_path, experiment_variants, load_ensemble
+from viseg.inference.predict import InferenceOptions, predict_case
+from viseg.io.atomic import write_atomically
+from viseg.io.jsonio import read_json, write_json_atomic
+from viseg.io.layout import FINISHED_MARKER, describe_weights
 
 log = logging.getLogger(__name__)
 SELECTION_DIR = "selection"
@@ -59,7 +63,6 @@ class Reference:
 
 
 def finished_variants(experiment: Path) -> dict[str, dict[int, Path]]:
-    from viseg.ensemble import experiment_variants
 
     variants = {}
     for name, folds in experiment_variants(experiment).items():
@@ -76,9 +79,7 @@ def _validation_cases(run_dir: Path, fold: int) -> tuple[list[Any], Any]:
     """The fold's validation cases (with their files) as the run's dataset config discovers them."""
     from omegaconf import OmegaConf
 
-    from viseg.cli import to_typed
-    from viseg.config import BaseConfig
-    from viseg.prepare import discover
+    from viseg.preprocessing.prepare import discover
 
     cfg = to_typed(OmegaConf.merge(OmegaConf.structured(BaseConfig), OmegaConf.load(run_dir / "config.yaml")))
     val_ids = set(read_json(run_dir / "splits.json")[fold]["val"])
@@ -118,9 +119,7 @@ def predict_validation(variant: str, folds: dict[int, Path], out_dir: Path, chec
     cached case is reused only when its key (prediction_key) matches the one this call would use."""
     from tqdm.auto import tqdm
 
-    from viseg.data.io import read_case
-    from viseg.ensemble import checkpoint_path, load_ensemble
-    from viseg.predict import InferenceOptions, predict_case
+    from viseg.data.nifti import read_case
 
     out_dir.mkdir(parents=True, exist_ok=True)
     options = InferenceOptions(mirror=mirror)
@@ -145,29 +144,21 @@ def predict_validation(variant: str, folds: dict[int, Path], out_dir: Path, chec
     return label_values
 
 
-def _dice(prediction: np.ndarray, reference: np.ndarray, value: int) -> float | None:
-    from viseg.metrics import dice_iou, overlap_counts
-
-    return dice_iou(*overlap_counts(prediction == value, reference == value))[0]
-
-
 def score(load: LoadProbabilities, reference: Reference, largest_component: Iterable[int] = ()) -> dict[str, Any]:
     """Mean Dice per label over the cases (cases where a label is absent from both are left out)."""
-    from viseg.export import keep_largest_component, probabilities_to_labels
 
-    keep = list(largest_component)
-    per_label: dict[str, list[float]] = {str(v): [] for v in reference.label_values[1:]}
+    from viseg.evaluation.metrics import dice_per_label, mean_ignoring_none, mean_over_cases
+    from viseg.inference.export import keep_largest_component, probabilities_to_labels
+
+    keep, values = list(largest_component), reference.label_values[1:]
+    per_case = []
     for case_id, truth in reference.labels.items():
         prediction = probabilities_to_labels(load(case_id), reference.label_values)
         if keep:
             prediction = keep_largest_component(prediction, keep)
-        for value in reference.label_values[1:]:
-            dice = _dice(prediction, truth, value)
-            if dice is not None:
-                per_label[str(value)].append(dice)
-    means = {k: float(np.mean(v)) if v else None for k, v in per_label.items()}
-    defined = [v for v in means.values() if v is not None]
-    return {"dice_per_label": means, "mean_dice": float(np.mean(defined)) if defined else None}
+        per_case.append(dice_per_label(prediction, truth, values))
+    means = mean_over_cases(per_case, map(str, values))
+    return {"dice_per_label": means, "mean_dice": mean_ignoring_none(means.values())}
 
 
 def _loader(folders: list[Path]) -> LoadProbabilities:

@@ -7,14 +7,17 @@ import traceback
 from pathlib import Path
 
 from viseg.errors import ConfigError, VisegError, free_space_then, is_storage_full, storage_full
+from viseg.sweep.best import render, select_best
+from viseg.sweep.cross_validate import plan_cross_validation
 from viseg.sweep.driver import STATE_FILE, SweepPlan, load_state, plan_sweep, prepare_all, render_trials, save_state
 from viseg.sweep.parse import parse_request
+from viseg.sweep.summary import render_table, summarize, write_summary
+from viseg.sweep.tune import build_tuner, init_ray, record_errors, restore_tuner
 
 log = logging.getLogger(__name__)
 
 
 def print_summary(experiment_dir: Path) -> int:
-    from viseg.sweep.summary import render_table, summarize, write_summary
 
     summaries = summarize(experiment_dir)
     written = write_summary(experiment_dir, summaries)
@@ -24,7 +27,6 @@ def print_summary(experiment_dir: Path) -> int:
 
 
 def _finish(plan: SweepPlan, results) -> int:
-    from viseg.sweep.tune import record_errors
 
     errors = record_errors(plan, results)
     code = print_summary(plan.experiment_dir)
@@ -74,7 +76,6 @@ def new_sweep(args: list[str], sweeps_dir: Path) -> int:
 
 def cross_validate(args: list[str], sweeps_dir: Path) -> int:
     """The best searched configuration(s) of a finished search, over every fold, as a new grid sweep."""
-    from viseg.sweep.cross_validate import plan_cross_validation
 
     request = parse_request(args, sweeps_dir)
     cli_keys = {a.split("=", 1)[0].split(".")[0].lstrip("+~") for a in args}
@@ -82,10 +83,9 @@ def cross_validate(args: list[str], sweeps_dir: Path) -> int:
 
 
 def _start(plan: SweepPlan) -> int:
-    from viseg.sweep.tune import build_tuner, init_ray
 
     print(render_trials(plan))
-    if plan.settings["dry_run"]:
+    if plan.settings.dry_run:
         return 0
     if (plan.experiment_dir / STATE_FILE).is_file():
         saved = load_state(plan.experiment_dir)
@@ -104,7 +104,6 @@ def _start(plan: SweepPlan) -> int:
 
 def choose_best(args: list[str], sweeps_dir: Path) -> int:
     """Cross-validation Dice at full resolution per variant (and the top two ensembled), postprocessing."""
-    from viseg.sweep.best import render, select_best
 
     settings = parse_request(args, sweeps_dir).settings
     experiment = Path(settings.best or "")
@@ -117,7 +116,6 @@ def choose_best(args: list[str], sweeps_dir: Path) -> int:
 
 
 def resume(experiment: str) -> int:
-    from viseg.sweep.tune import init_ray, restore_tuner
 
     plan = load_state(Path(experiment))
     print(render_trials(plan))

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from viseg.errors import ConfigError
 from viseg.sweep.driver import SweepPlan, load_state
-from viseg.sweep.spec import SweepRequest, parse_folds
+from viseg.sweep.spec import SweepConfig, SweepRequest, parse_folds
+from viseg.sweep.trial import with_params
+from viseg.sweep.trial_results import read_trials
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,6 @@ class Candidate:
 def search_candidates(experiment_dir: Path, metric: str, mode: str) -> list[Candidate]:
     """Every trial that reported the metric, best first; completed trials rank before early-stopped ones.
     Read from the trials' result.json as JSON, never from Ray's pickled experiment state."""
-    from viseg.sweep.trial_results import read_trials
 
     trials = read_trials(experiment_dir)
     if not trials:
@@ -66,15 +67,12 @@ def _with_params(variant_yaml: str, params: dict[str, Any]) -> str:
     """The variant's composed config with the searched values fixed (validated like any config)."""
     from omegaconf import OmegaConf
 
-    from viseg.sweep.trial import with_params
 
     return OmegaConf.to_yaml(OmegaConf.structured(with_params(variant_yaml, params)))
 
 
 def plan_cross_validation(request: SweepRequest, cli_keys: set[str]) -> SweepPlan:
     """The new sweep: settings from the search, except those given on this command line."""
-    from dataclasses import asdict
-
     if request.fixed or request.axes or request.search:
         given = request.fixed + [a.key for a in request.axes] + [s.key for s in request.search]
         raise ConfigError(f"cross_validate= takes sweep settings only, not training overrides ({given})",
@@ -84,26 +82,27 @@ def plan_cross_validation(request: SweepRequest, cli_keys: set[str]) -> SweepPla
     if not search.search:
         raise ConfigError(f"{search_dir} is a grid sweep, not a search: it has every fold already",
                           fix="read its cross-validation table with summary=" + str(search_dir))
-    settings = dict(search.settings)
     # the search's own settings (metric, mode) stay: they describe how the candidates were ranked
-    given = {key: value for key, value in asdict(request.settings).items() if key in cli_keys and key != "search"}
-    settings.update(given)
-    settings.update(dry_run=request.settings.dry_run, cross_validate=str(search_dir), resume=None, summary=None)
-    top_k = int(settings["top_k"])
+    given = {key: getattr(request.settings, key) for key in cli_keys
+             if key != "search" and key in {f.name for f in fields(SweepConfig)}}
+    settings = replace(search.settings, **given, dry_run=request.settings.dry_run, cross_validate=str(search_dir),
+                       resume=None, summary=None)
+    top_k = settings.top_k
     if top_k < 1:
         raise ConfigError(f"top_k={top_k} must be at least 1", fix="use top_k=1 for the single best configuration")
-    ranked = search_candidates(search_dir, search.settings["search"]["metric"], search.settings["search"]["mode"])
+    metric = search.settings.search.metric
+    ranked = search_candidates(search_dir, metric, search.settings.search.mode)
     if not ranked:
-        raise ConfigError(f"no trial of {search_dir} reported {search.settings['search']['metric']} yet",
+        raise ConfigError(f"no trial of {search_dir} reported {metric} yet",
                           fix=f"let the search finish (resume={search_dir}) before cross-validating it")
     chosen = ranked[:top_k]
     for rank, candidate in enumerate(chosen, start=1):
         log.info("rank %d: %s %s (%s = %.4f%s)", rank, candidate.variant, candidate.params,
-                 search.settings["search"]["metric"], candidate.score, "" if candidate.completed else ", stopped early")
+                 metric, candidate.score, "" if candidate.completed else ", stopped early")
     variants = {c.name: _with_params(search.variants[c.variant], c.params) for c in chosen}
     overrides = {c.name: [*search.overrides[c.variant], *c.overrides()] for c in chosen}
     n_folds = _n_folds(next(iter(variants.values())))
-    folds = parse_folds(settings["folds"], n_folds)
+    folds = parse_folds(settings.folds, n_folds)
     experiment = given.get("experiment") or f"{search.experiment}-cv-top{top_k}"
     storage = _absolute(given["storage_path"]) if "storage_path" in given else search.storage_path
     return replace(search, experiment=experiment, storage_path=storage, variants=variants,

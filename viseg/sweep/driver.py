@@ -14,10 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from viseg.config import BaseConfig, reject_derived_overrides
+from viseg.cli import to_typed
+from viseg.config import BaseConfig, register_configs, reject_derived_overrides
 from viseg.errors import ConfigError
-from viseg.jsonio import read_json, write_json_atomic
-from viseg.sweep.spec import SearchAxis, SweepRequest, parse_folds
+from viseg.io.jsonio import read_json, write_json_atomic
+from viseg.resources import conf_dir
+from viseg.sweep.spec import SearchAxis, SweepConfig, SweepRequest, parse_folds
+from viseg.sweep.trial import trial_config
 
 log = logging.getLogger(__name__)
 STATE_FILE = "viseg_sweep.json"
@@ -31,7 +34,7 @@ class SweepPlan:
     overrides: dict[str, list[str]]  # name -> the overrides that define it (for tables)
     folds: list[int]
     search: list[SearchAxis]
-    settings: dict[str, Any]
+    settings: SweepConfig  # the sweep's own typed settings, saved and loaded through OmegaConf
 
     @property
     def experiment_dir(self) -> Path:
@@ -43,9 +46,6 @@ class SweepPlan:
 
 def compose_variant(config_name: str, overrides: list[str]) -> BaseConfig:
     from hydra import compose, initialize_config_dir
-
-    from viseg.cli import conf_dir, to_typed
-    from viseg.config import register_configs
 
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir())):
@@ -62,8 +62,8 @@ def compose_variant(config_name: str, overrides: list[str]) -> BaseConfig:
 def absolute_paths(cfg: BaseConfig) -> BaseConfig:
     """Trials run in their own working folders (and on other nodes): every path they get must be absolute,
     or each trial would find its own cache and redo the preprocessing."""
-    from viseg.prepare import dataset_root
 
+    from viseg.preprocessing.prepare import dataset_root
     cfg.paths.cache = str(Path(cfg.paths.cache).expanduser().resolve())
     cfg.dataset.basepath = str(dataset_root(cfg, progress=False).resolve())
     return cfg
@@ -79,6 +79,8 @@ def _experiment_name(request: SweepRequest, dataset: str, folds: list[int]) -> s
 def plan_sweep(request: SweepRequest) -> SweepPlan:
     from omegaconf import OmegaConf
 
+    from viseg.preprocessing.prepare import discover
+
     settings = request.settings
     variants, overrides = {}, {}
     for name, variant_overrides in request.variants().items():
@@ -87,22 +89,20 @@ def plan_sweep(request: SweepRequest) -> SweepPlan:
         overrides[name] = variant_overrides
     first = compose_variant(settings.config_name, request.fixed)
     folds = parse_folds(settings.search.folds if request.search else settings.folds, first.splits.n_folds)
-    from viseg.prepare import discover
 
     discovery = discover(first)
     dataset = discovery.info.name if discovery.info else "dataset"
     return SweepPlan(experiment=settings.experiment or _experiment_name(request, dataset, folds),
                      storage_path=str(Path(settings.storage_path).expanduser().resolve()),  # URIs refused in spec
                      variants=variants, overrides=overrides, folds=folds, search=request.search,
-                     settings=asdict(settings))
+                     settings=settings)
 
 
 def prepare_all(plan: SweepPlan) -> None:
     """Verify, fingerprint, plan and preprocess once per distinct plan, before any trial starts."""
-    from viseg.prepare import prepare
-    from viseg.preprocess import preprocess_dataset
-    from viseg.sweep.trial import trial_config
 
+    from viseg.preprocessing.prepare import prepare
+    from viseg.preprocessing.preprocess import preprocess_dataset
     done: set[Path] = set()
     for name, variant_yaml in plan.variants.items():
         prepared = prepare(trial_config(variant_yaml, plan.folds[0], {}, name, "unused"))
@@ -113,8 +113,11 @@ def prepare_all(plan: SweepPlan) -> None:
 
 
 def save_state(plan: SweepPlan) -> None:
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_container(OmegaConf.structured(plan.settings))
     write_json_atomic(plan.experiment_dir / STATE_FILE, asdict(plan) | {
-        "search": [asdict(s) for s in plan.search]})
+        "search": [asdict(s) for s in plan.search], "settings": settings})
 
 
 def load_state(experiment_dir: Path) -> SweepPlan:
@@ -124,11 +127,27 @@ def load_state(experiment_dir: Path) -> SweepPlan:
                           fix="pass the experiment folder printed when the sweep started")
     data = read_json(path)
     data["search"] = [SearchAxis(**{**s, "choices": tuple(s["choices"])}) for s in data["search"]]
+    data["settings"] = _typed_settings(data["settings"], path)
     # the folder given is the experiment, wherever it was first written: a moved or copied experiment
     # continues in place (as Ray's own restore does), never in the folder it was copied from
     folder = Path(experiment_dir).resolve()
     data["storage_path"], data["experiment"] = str(folder.parent), folder.name
     return SweepPlan(**data)
+
+
+def _typed_settings(saved: dict[str, Any], path: Path) -> SweepConfig:
+    """The saved settings through SweepConfig's schema: types checked, keys this viseg no longer knows named."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return to_typed(OmegaConf.merge(OmegaConf.structured(SweepConfig), saved))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"the sweep settings in {path} do not fit this viseg: "
+                          f"{f'{key}: ' if key else ''}{str(exc).splitlines()[0]}",
+                          fix="run the sweep again under a new experiment=, or with the viseg that started "
+                              "it") from None
 
 
 def render_trials(plan: SweepPlan) -> str:
@@ -139,5 +158,5 @@ def render_trials(plan: SweepPlan) -> str:
               for v, f in plan.trials()]
     for axis in plan.search:
         bounds = f"[{axis.low}, {axis.high}]" if axis.kind != "choice" else str(list(axis.choices))
-        lines.append(f"  searched: {axis.key} ~ {axis.kind} {bounds}, {plan.settings['num_samples']} samples")
+        lines.append(f"  searched: {axis.key} ~ {axis.kind} {bounds}, {plan.settings.num_samples} samples")
     return "\n".join(lines)

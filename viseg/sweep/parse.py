@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from viseg.cli import to_typed
 from viseg.errors import ConfigError
+from viseg.resources import conf_dir
 from viseg.sweep.spec import (
     SWEEP_KEYS,
     UNSEARCHABLE_PREFIXES,
@@ -75,7 +77,6 @@ def _update_setting(settings: Any, override: Any) -> None:
 
 
 def _is_config_group(key: str) -> bool:
-    from viseg.cli import conf_dir
 
     return (conf_dir() / key.split("/")[0]).is_dir() and "." not in key
 
@@ -97,8 +98,6 @@ def _spec_overrides(spec: dict[str, Any]) -> list[str]:
 def parse_request(args: list[str], sweeps_dir: Path, default_spec: str | None = None) -> SweepRequest:
     """Command-line overrides win over the spec file's values, key by key."""
     from omegaconf import OmegaConf
-
-    from viseg.cli import to_typed
 
     parsed = _parse(args)
     spec_name = next((o.value() for o in parsed if o.key_or_group == "sweep"), default_spec)

@@ -16,6 +16,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
+from viseg.sweep.state_seal import untrusted_state_files
+
 # Ray 2.x state files in the experiment folder -> how Ray reads them back
 STATE_FILES = {
     "experiment_state-*.json": "json",  # the trials, with their configs
@@ -118,7 +120,6 @@ def _required(trials: SweepTrials) -> list[str]:
 def set_aside_untrusted_state(experiment: Path, move: bool) -> list[str]:
     """The state files this user's viseg did not seal (read as bytes, never loaded); with `move`, they go
     into `untrusted_tune_state/`, where Ray will not look for them."""
-    from viseg.sweep.state_seal import untrusted_state_files
 
     untrusted = untrusted_state_files(experiment, state_files(experiment))
     if move:

@@ -11,11 +11,11 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from viseg.config import check_folder_name
 from viseg.errors import ConfigError
-from viseg.run_layout import WEIGHTS, WEIGHTS_HELP
+from viseg.io.layout import WEIGHTS, WEIGHTS_HELP
 
 SWEEP_KEYS = ("folds", "sweep", "dry_run", "resume", "summary", "cross_validate", "top_k", "experiment",
               "storage_path", "num_samples", "max_concurrent_trials", "max_failures", "checkpoints_to_keep",
@@ -23,6 +23,13 @@ SWEEP_KEYS = ("folds", "sweep", "dry_run", "resume", "summary", "cross_validate"
 # Values that change the plan or the data cannot be searched: every trial of a search shares one plan.
 UNSEARCHABLE_PREFIXES = ("patch_size", "spacing", "batch_size", "transpose_", "foreground_labels", "model",
                          "plan.", "dataset.", "splits.", "num_channels", "num_classes", "fold", "paths.")
+
+
+# What a searched axis draws from. The schemas below are OmegaConf structured configs, which refuse Literal
+# annotations (omegaconf 2.3: "Unexpected type annotation"), so they check their allowed values in __post_init__.
+SearchKind = Literal["loguniform", "uniform", "choice"]
+SEARCH_SCHEDULERS = ("asha",)
+SEARCH_MODES = ("max", "min")
 
 
 @dataclass
@@ -34,10 +41,18 @@ class ResourcesConfig:
 @dataclass
 class SearchConfig:
     folds: list[int] = field(default_factory=lambda: [0])  # Optuna cannot take a fold grid: search on these
-    scheduler: str | None = None  # "asha": stop weak trials early, epochs as the budget
+    scheduler: str | None = None  # one of SEARCH_SCHEDULERS: "asha" stops weak trials early, epochs as the budget
     metric: str = "val/ema_pseudo_dice"
-    mode: str = "max"
+    mode: str = "max"  # one of SEARCH_MODES
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scheduler is not None and self.scheduler not in SEARCH_SCHEDULERS:
+            raise ConfigError(f"search.scheduler={self.scheduler!r} is not a search scheduler",
+                              fix=f"use one of {list(SEARCH_SCHEDULERS)}, or leave it out to run every trial")
+        if self.mode not in SEARCH_MODES:
+            raise ConfigError(f"search.mode={self.mode!r} must be max or min",
+                              fix="search.mode=max for a Dice, search.mode=min for a loss")
 
 
 @dataclass
@@ -91,7 +106,7 @@ class Axis:
 @dataclass(frozen=True)
 class SearchAxis:
     key: str
-    kind: str  # "loguniform" | "uniform" | "choice"
+    kind: SearchKind
     low: float | None = None
     high: float | None = None
     choices: tuple[Any, ...] = ()

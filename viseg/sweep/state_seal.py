@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from viseg.errors import ConfigError
-from viseg.jsonio import read_json, write_json_atomic
+from viseg.io.jsonio import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from viseg.atomic import write_atomically, write_text_atomically
-from viseg.jsonio import read_json, write_json_atomic
-from viseg.run_layout import FINISHED_MARKER, experiment_variants
+from viseg.io.atomic import write_atomically, write_text_atomically
+from viseg.io.jsonio import read_json, write_json_atomic
+from viseg.io.layout import FINISHED_MARKER, experiment_variants
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from viseg.atomic import copy_atomically
+from viseg.cli import to_typed
 from viseg.config import BaseConfig
 from viseg.errors import (
     ConfigError,
@@ -26,7 +26,9 @@ from viseg.errors import (
     storage_full,
     unwritable_file,
 )
-from viseg.run_layout import CHECKPOINTS_DIR, FINISHED_MARKER, LAST_CHECKPOINT
+from viseg.io.atomic import copy_atomically
+from viseg.io.checkpoints import newest_good_checkpoint
+from viseg.io.layout import CHECKPOINTS_DIR, FINISHED_MARKER, LAST_CHECKPOINT
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,6 @@ log = logging.getLogger(__name__)
 def with_params(variant_yaml: str, params: dict[str, Any], extra: dict[str, Any] | None = None) -> BaseConfig:
     """A composed variant with searched values (and trial specifics) applied, validated like any config."""
     from omegaconf import OmegaConf
-
-    from viseg.cli import to_typed
 
     dotlist = [f"{key}={value}" for key, value in params.items()]
     merged = OmegaConf.merge(OmegaConf.structured(BaseConfig), OmegaConf.create(variant_yaml),
@@ -79,8 +79,6 @@ def _resume_checkpoint(run_dir: Path) -> Path | None:
     """The run folder's newest good checkpoint (last.ckpt, else previous.ckpt), else Ray's copy of the last
     report, restored into the run folder with the plan and split it was trained with."""
     import ray.tune
-
-    from viseg.checkpoints import newest_good_checkpoint
 
     local = run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT
     try:
@@ -132,8 +130,8 @@ def _variant_of(config: dict[str, Any], variants: dict[str, str], runs_dir: str)
 def _train_trial(config: dict[str, Any], variants: dict[str, str], runs_dir: str) -> None:
     import ray.tune
 
-    from viseg.prepare import prepare
-    from viseg.train import run_dir_for, train
+    from viseg.preprocessing.prepare import prepare
+    from viseg.training.train import run_dir_for, train
 
     variant, params = _variant_of(config, variants, runs_dir), dict(config.get("params") or {})
     name = variant if not params else f"{variant}-{ray.tune.get_context().get_trial_id()}"

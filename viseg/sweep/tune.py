@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from viseg.errors import ConfigError
-from viseg.jsonio import write_json_atomic
+from viseg.io.jsonio import write_json_atomic
 from viseg.sweep.driver import SweepPlan
+from viseg.sweep.ray_state import ASIDE, UNTRUSTED, SweepTrials, set_aside_damaged_state, set_aside_untrusted_state
 from viseg.sweep.spec import SearchAxis
+from viseg.sweep.state_seal import StateSealer, key_path
+from viseg.sweep.trial import run_trial
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +44,10 @@ def param_space(plan: SweepPlan) -> dict[str, Any]:
 def trainable(plan: SweepPlan) -> Any:
     from ray import tune
 
-    from viseg.sweep.trial import run_trial
-
-    resources = plan.settings["resources"]
+    resources = plan.settings.resources
     with_data = tune.with_parameters(run_trial, variants=plan.variants,
                                      runs_dir=str(plan.experiment_dir / "runs"))
-    return tune.with_resources(with_data, {"cpu": resources["cpu"], "gpu": resources["gpu"]})
+    return tune.with_resources(with_data, {"cpu": resources.cpu, "gpu": resources.gpu})
 
 
 def trial_name(trial: Any) -> str:
@@ -57,21 +58,21 @@ def trial_name(trial: Any) -> str:
 def _tune_config(plan: SweepPlan) -> Any:
     from ray import tune
 
-    settings, search = plan.settings, plan.settings["search"]
+    settings, search = plan.settings, plan.settings.search
     # reuse_actors: a trial's worker keeps torch and Lightning imported for the next trial (seconds each)
-    common = {"max_concurrent_trials": settings["max_concurrent_trials"], "reuse_actors": True,
+    common = {"max_concurrent_trials": settings.max_concurrent_trials, "reuse_actors": True,
               "trial_name_creator": trial_name, "trial_dirname_creator": trial_name}
     if not plan.search:
         return tune.TuneConfig(**common)
     from ray.tune.search.optuna import OptunaSearch
 
     scheduler = None
-    if search["scheduler"] == "asha":
+    if search.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
         scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=1)
-    return tune.TuneConfig(metric=search["metric"], mode=search["mode"], num_samples=settings["num_samples"],
-                           search_alg=OptunaSearch(seed=search["seed"]), scheduler=scheduler, **common)
+    return tune.TuneConfig(metric=search.metric, mode=search.mode, num_samples=settings.num_samples,
+                           search_alg=OptunaSearch(seed=search.seed), scheduler=scheduler, **common)
 
 
 def build_tuner(plan: SweepPlan) -> Any:
@@ -81,8 +82,8 @@ def build_tuner(plan: SweepPlan) -> Any:
 
     run_config = tune.RunConfig(
         name=plan.experiment, storage_path=plan.storage_path,
-        failure_config=tune.FailureConfig(max_failures=plan.settings["max_failures"]),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=plan.settings["checkpoints_to_keep"]),
+        failure_config=tune.FailureConfig(max_failures=plan.settings.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=plan.settings.checkpoints_to_keep),
         verbose=1, callbacks=[SealStateCallback()])
     tuner = tune.Tuner(trainable(plan), param_space=param_space(plan), tune_config=_tune_config(plan),
                        run_config=run_config)
@@ -92,7 +93,6 @@ def build_tuner(plan: SweepPlan) -> Any:
 
 def _seal_tuner_file(plan: SweepPlan) -> None:
     """The Tuner writes tuner.pkl as it is built (a restored one may rewrite it): seal it at once."""
-    from viseg.sweep.state_seal import StateSealer
 
     StateSealer(plan.experiment_dir).seal_files([plan.experiment_dir / "tuner.pkl"])
 
@@ -112,15 +112,6 @@ def restore_tuner(plan: SweepPlan) -> Any:
     it, unless this user's viseg sealed it (`state_seal`): a grid sets unsealed files aside and goes on from
     its run folders, a search stops."""
     from ray import tune
-
-    from viseg.sweep.ray_state import (
-        ASIDE,
-        UNTRUSTED,
-        SweepTrials,
-        set_aside_damaged_state,
-        set_aside_untrusted_state,
-    )
-    from viseg.sweep.state_seal import key_path
 
     experiment = plan.experiment_dir
     untrusted = set_aside_untrusted_state(experiment, move=not plan.search)

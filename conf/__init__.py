@@ -1,0 +1,1 @@
+"""viseg's Hydra configs, shipped as package data (see viseg/resources.py). Values only: YAML."""

@@ -1,0 +1,311 @@
+"""Trained runs -> an ensemble of networks that share one plan, ready for `viseg.predict`.
+
+`model=` takes a run folder (it holds config.yaml), a comma list of run folders, or a sweep experiment folder
+(`<experiment>/runs/<dataset>/<plan>/<variant>/fold_<k>/`), whose finished folds of one variant form the
+ensemble. Everything is read from the checkpoints themselves (their config and plan travel with the
+weights), loaded with `torch.load(weights_only=True)`: a checkpoint is data, never code.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from viseg.cli import to_typed
+from viseg.config import BaseConfig
+from viseg.errors import ConfigError
+from viseg.io.jsonio import read_json
+from viseg.io.layout import FINISHED_MARKER, WEIGHTS, WEIGHTS_HELP, is_run_dir, weights_file
+from viseg.io.layout import experiment_variants as layout_variants
+from viseg.planning.plans import Plans, plans_from_dict
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+POSTPROCESSING_FILE = "postprocessing.json"
+
+
+@dataclass(frozen=True)
+class Postprocessing:
+    """postprocessing.json (written by model selection): labels whose largest connected component alone is
+    kept, nnU-Net's remove_all_but_largest_component."""
+
+    largest_component_labels: tuple[int, ...]
+    source: Path
+
+    @classmethod
+    def load(cls, path: Path) -> Postprocessing:
+        try:
+            raw = read_json(path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}", fix="rewrite it as valid JSON") from None
+        labels = raw.get("largest_component_labels") if isinstance(raw, dict) else None
+        if not isinstance(labels, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+            raise ConfigError(f"{path} must hold {{\"largest_component_labels\": [<label values>]}}, got {raw!r}",
+                              fix="list integer label values, e.g. {\"largest_component_labels\": [1, 3]}")
+        return cls(tuple(labels), path)
+
+
+@dataclass(frozen=True)
+class ModelSelection:
+    """What `model=` (and `variant=`) name: the run folders and the postprocessing that goes with them."""
+
+    run_dirs: tuple[Path, ...]
+    postprocessing: Postprocessing | None
+
+
+@dataclass
+class Ensemble:
+    """Networks of one plan, in eval mode on one device. Class k of their output is label value
+    `label_values[k]` (0 for background)."""
+
+    run_dirs: list[Path]
+    networks: list[nn.Module]
+    plans: Plans
+    configuration: str
+    mirror_axes: tuple[int, ...]  # patch axes training mirrored: test-time mirroring may use only these
+    device: torch.device
+    pathfinder: str  # the layout the runs were trained on: how input files name their channels
+    file_ending: str
+
+    @property
+    def num_classes(self) -> int:
+        return self.plans.num_classes
+
+    @property
+    def label_values(self) -> tuple[int, ...]:
+        return (0, *self.plans.foreground_labels)
+
+
+# -- model= -> run folders ------------------------------------------------------------------------------
+
+
+def resolve_model(model: str, variant: str | None = None) -> ModelSelection:
+    """Run folders named by `model=`: one run folder, a comma list of them, or an experiment + variant."""
+    paths = [Path(p.strip()).expanduser() for p in model.split(",") if p.strip()]
+    if not paths:
+        raise ConfigError("model= is empty", fix="pass a run folder, a comma list of them, or an experiment folder")
+    if len(paths) == 1 and not is_run_dir(paths[0]) and (paths[0] / "runs").is_dir():
+        return _experiment_selection(paths[0], variant)
+    if variant is not None:
+        raise ConfigError(f"variant={variant} applies to a sweep experiment folder, but model= names run folders",
+                          fix="drop variant=, or pass the experiment folder as model=")
+    for path in paths:
+        _check_run_dir(path)
+    if len(set(p.resolve() for p in paths)) != len(paths):
+        raise ConfigError(f"model= lists a run folder twice: {model}", fix="list each run folder once")
+    return ModelSelection(tuple(paths), _postprocessing([[p] for p in paths]))
+
+
+def _check_run_dir(path: Path) -> None:
+    if not path.exists():
+        raise ConfigError(f"model folder {path} does not exist", fix="pass a run folder printed by python -m "
+                          "viseg.train (…/fold_<k>) or a sweep experiment folder")
+    if not is_run_dir(path) and (path / "runs").is_dir():
+        raise ConfigError(f"{path} is a sweep experiment folder, listed among other folders",
+                          fix="list run folders (…/fold_<k>) only, or pass the experiment alone with variant=")
+    if not is_run_dir(path):
+        raise ConfigError(f"{path} is neither a viseg run folder (no config.yaml) nor a sweep experiment folder "
+                          "(no runs/)", fix="pass …/fold_<k> of a run, or the experiment folder of a sweep")
+
+
+def experiment_variants(experiment: Path) -> dict[str, dict[int, Path]]:
+    """variant -> fold -> run folder, for every run folder under `<experiment>/runs`, named as `summary=`
+    names them (`run_layout.experiment_variants`)."""
+    return layout_variants(experiment / "runs", runs_only=True)
+
+
+def _experiment_selection(experiment: Path, variant: str | None) -> ModelSelection:
+    variants = experiment_variants(experiment)
+    if not variants:
+        raise ConfigError(f"experiment {experiment} holds no run folders under runs/",
+                          fix="wait for the sweep's first trials, or pass run folders as model=")
+    if variant is None:
+        if len(variants) > 1:
+            raise ConfigError(f"experiment {experiment} holds {len(variants)} variants: {', '.join(sorted(variants))}",
+                              fix="pick one with variant=<name>")
+        variant = next(iter(variants))
+    if variant not in variants:
+        raise ConfigError(f"experiment {experiment} has no variant {variant!r}",
+                          fix=f"use one of: {', '.join(sorted(variants))}")
+    folds = variants[variant]
+    finished = [folds[k] for k in sorted(folds) if (folds[k] / FINISHED_MARKER).is_file()]
+    if not finished:
+        raise ConfigError(f"variant {variant} of {experiment} has no finished fold yet (folds {sorted(folds)})",
+                          fix="wait for a fold to finish, or pass an unfinished run folder explicitly as model=")
+    skipped = sorted(set(folds.values()) - set(finished))
+    if skipped:
+        log.warning("leaving out unfinished folds: %s", ", ".join(str(p) for p in skipped))
+    variant_dir = finished[0].parent
+    return ModelSelection(tuple(finished), _postprocessing([[variant_dir, experiment]]))
+
+
+def _postprocessing(candidates: list[list[Path]]) -> Postprocessing | None:
+    """The postprocessing.json of each group of candidate folders (the most specific folder first); groups
+    (one per listed run folder) that disagree are an error, since one output cannot follow both."""
+    found: list[Postprocessing | None] = []
+    for group in candidates:
+        path = next((d / POSTPROCESSING_FILE for d in group if (d / POSTPROCESSING_FILE).is_file()), None)
+        found.append(Postprocessing.load(path) if path is not None else None)
+    specs = {p.largest_component_labels if p else None for p in found}
+    if len(specs) > 1:
+        sources = ", ".join(str(p.source) if p else f"(none in {g[0]})" for p, g in zip(found, candidates))
+        raise ConfigError(f"the listed run folders disagree on postprocessing: {sources}",
+                          fix=f"give every run folder the same {POSTPROCESSING_FILE}, or none")
+    return found[0]
+
+
+# -- run folders -> networks ----------------------------------------------------------------------------
+
+
+def checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
+    """The file behind a choice of WEIGHTS. `final` is last.ckpt of a run that finished training: the
+    latest epoch of an interrupted run is not a final model, so it must be asked for as `last`."""
+    if checkpoint not in WEIGHTS:
+        raise ConfigError(f"checkpoint={checkpoint!r} is not a checkpoint name", fix=f"use {WEIGHTS_HELP}")
+    path = run_dir / "checkpoints" / weights_file(checkpoint)
+    if checkpoint == "final" and path.is_file() and not (run_dir / FINISHED_MARKER).is_file():
+        raise ConfigError(f"run folder {run_dir} has not finished training (no {FINISHED_MARKER}), so it has no "
+                          "final weights yet",
+                          fix=f"let it finish (continue_from={run_dir}), or predict with its latest epoch: "
+                              "checkpoint=last")
+    if path.is_file():
+        return path
+    others = [w for w in WEIGHTS if w != checkpoint and (run_dir / "checkpoints" / weights_file(w)).is_file()]
+    alternative = f", or predict with checkpoint={others[0]}" if others else ""
+    raise ConfigError(f"run folder {run_dir} has no checkpoints/{path.name} ({checkpoint} weights)",
+                      fix=f"train it (python -m viseg.train, or continue_from={run_dir}){alternative}")
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    import pickle
+
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise ConfigError(f"cannot load {path}: {str(exc).splitlines()[0]}",
+                          fix="the file is truncated, corrupt or not a viseg checkpoint: use the other "
+                              "checkpoint (checkpoint=best|last) or retrain") from None
+    if not isinstance(checkpoint, dict) or "viseg" not in checkpoint or "state_dict" not in checkpoint:
+        raise ConfigError(f"{path} is not a viseg checkpoint (no plan and config inside)",
+                          fix="pass run folders written by python -m viseg.train")
+    return checkpoint
+
+
+def _run_config(checkpoint: dict[str, Any], path: Path) -> BaseConfig:
+    """The run's fully resolved config, as saved in its checkpoint."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        saved = OmegaConf.create(checkpoint["viseg"]["config_yaml"])
+        return to_typed(OmegaConf.merge(OmegaConf.structured(BaseConfig), saved))
+    except (ConfigError, OmegaConfBaseException) as exc:
+        message = exc.message if isinstance(exc, ConfigError) else str(exc).splitlines()[0]
+        raise ConfigError(f"the config inside {path} does not validate: {message}",
+                          fix="use a checkpoint written by this version of viseg") from None
+
+
+def training_mirror_axes(cfg: BaseConfig) -> tuple[int, ...]:
+    """The patch axes training mirrored. Mirroring at test time along an axis the network never saw
+    mirrored averages in predictions it was not trained to make (nnU-Net's inference_allowed_mirroring_axes)."""
+    augmentation = cfg.augmentation
+    if not augmentation.enabled or augmentation.p_mirror == 0:
+        return ()
+    dim = cfg.model.model_args.conv_dim
+    return tuple(range(dim)) if augmentation.mirror_axes is None else tuple(augmentation.mirror_axes)
+
+
+def _network(plans: Plans, configuration: str, checkpoint: dict[str, Any], path: Path) -> nn.Module:
+
+    from viseg.planning.network import build_model
+    prefix = "network."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    # deep supervision changes only what forward returns, not the weights; inference needs the top output
+    network = build_model(plans, configuration, deep_supervision=False)
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ConfigError(f"the weights in {path} do not fit the plan saved with them: {str(exc).splitlines()[0]}",
+                          fix="the checkpoint is damaged or from another viseg version: retrain the run") from None
+    return network.eval()
+
+
+@dataclass
+class _LoadedRun:
+    run_dir: Path
+    network: nn.Module
+    plans: Plans
+    configuration: str
+    cfg: BaseConfig
+
+
+def _load_run(run_dir: Path, checkpoint: str) -> _LoadedRun:
+
+    from viseg.planning.planner import CONFIGURATION_BY_DIM
+    path = checkpoint_path(run_dir, checkpoint)
+    data = _load_checkpoint(path)
+    cfg = _run_config(data, path)
+    plans = plans_from_dict(data["viseg"]["plans"], source=str(path))
+    configuration = CONFIGURATION_BY_DIM[cfg.model.model_args.conv_dim]
+    return _LoadedRun(run_dir, _network(plans, configuration, data, path), plans, configuration, cfg)
+
+
+def plan_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """'key.path: value vs value' for every leaf where two plan dicts differ."""
+    out = []
+    for key in sorted(set(a) | set(b), key=str):
+        left, right = a.get(key), b.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            out += plan_differences(left, right, f"{prefix}{key}.")
+        elif left != right:
+            out.append(f"{prefix}{key}: {left} vs {right}")
+    return out
+
+
+def _check_same_plan(runs: list[_LoadedRun]) -> None:
+    first = runs[0]
+    for run in runs[1:]:
+        differences = plan_differences({"configuration": first.configuration, **first.plans.to_dict()},
+                                       {"configuration": run.configuration, **run.plans.to_dict()})
+        if differences:
+            shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+            raise ConfigError(f"{first.run_dir} and {run.run_dir} were trained with different plans ({shown}); "
+                              "an ensemble averages networks that see the same preprocessed input",
+                              fix="ensemble the folds of one variant (same dataset, plan and plan overrides)")
+
+
+def _file_ending(run_dir: Path) -> str:
+    path = run_dir / "dataset.json"
+    try:
+        ending = read_json(path).get("file_ending", ".nii.gz") if path.is_file() else ".nii.gz"
+    except (OSError, ValueError):
+        ending = ".nii.gz"
+    return ending if isinstance(ending, str) else ".nii.gz"
+
+
+def load_ensemble(run_dirs: list[Path] | tuple[Path, ...], checkpoint: str = "final",
+                  device: str | torch.device = "auto") -> Ensemble:
+    """Load every run's network; all runs must share one plan (ConfigError naming the two folders else)."""
+    import torch
+
+    from viseg.inference.device import resolve_device
+
+    if not run_dirs:
+        raise ConfigError("no run folders to load", fix="pass at least one run folder")
+    target = resolve_device(device) if isinstance(device, str) else device
+    runs = [_load_run(Path(d), checkpoint) for d in run_dirs]
+    _check_same_plan(runs)
+    # runs of one variant mirror alike; should they not, only the axes all of them saw mirrored are safe
+    axes = set.intersection(*(set(training_mirror_axes(r.cfg)) for r in runs))
+    return Ensemble(run_dirs=[r.run_dir for r in runs], networks=[r.network.to(target) for r in runs],
+                    plans=runs[0].plans, configuration=runs[0].configuration, mirror_axes=tuple(sorted(axes)),
+                    device=torch.device(target), pathfinder=runs[0].cfg.dataset.pathfinder,
+                    file_ending=_file_ending(runs[0].run_dir))

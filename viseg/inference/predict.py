@@ -1,0 +1,165 @@
+"""Predict cases with an ensemble: preprocess as training did, slide the window, average, export.
+
+Per case: the same `preprocess_case` as training -> `predict_volume` per network (Gaussian-weighted sliding
+window, test-time mirroring along the axes training mirrored) -> softmax averaged over the ensemble ->
+`revert_geometry` back to the input's grid -> class -> label value -> postprocessing.json, if any -> NIfTI
+with the input's affine and header. Model selection (`best=`) calls `predict_case` directly.
+
+Each case's inputs are checked before its voxels are read (`check_case_headers`), then for NaN and infinite
+voxels. A case that fails in any way, a MemoryError or a bug included, fails alone: `predict_cases` records
+it and goes on with the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from viseg.data.prediction_inputs import CaseInput, check_case_headers
+from viseg.errors import ConfigError, DatasetError, VisegError, is_storage_full
+from viseg.inference.ensemble import Ensemble, Postprocessing
+
+if TYPE_CHECKING:
+    from viseg.data.prediction_inputs import CaseInput
+    from viseg.inference.ensemble import Ensemble, Postprocessing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    mirror: bool = True
+    step: float = 0.5
+    batch_size: int = 2
+
+
+@dataclass
+class PredictionReport:
+    predicted: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)  # case id -> message naming the file
+
+
+def ensemble_probabilities(ensemble: Ensemble, data: np.ndarray, options: InferenceOptions) -> np.ndarray:
+    """Softmax averaged over the ensemble's networks, (K, *data's spatial shape) on the plan's grid.
+
+    Probabilities, not logits, are averaged, so every member weighs the same however confident it is."""
+
+    from viseg.inference.sliding_window import predict_volume
+
+    plan = ensemble.plans.configuration(ensemble.configuration)
+    axes = ensemble.mirror_axes if options.mirror else ()
+    device = ensemble.device
+    total = None
+    for network in ensemble.networks:
+        probabilities = predict_volume(network, data, plan.patch_size, ensemble.num_classes, device,
+                                       mirror_axes=axes, batch_size=options.batch_size, step=options.step)
+        total = probabilities if total is None else total + probabilities
+    return (total / len(ensemble.networks)).float().cpu().numpy()
+
+
+def predict_case(ensemble: Ensemble, image: np.ndarray, spacing: tuple[float, ...],
+                 options: InferenceOptions | None = None, case_id: str = "") -> np.ndarray:
+    """(C, Z, Y, X) image with its (z, y, x) spacing -> (K, Z, Y, X) float32 class probabilities in the
+    image's own geometry. Class k is label value `ensemble.label_values[k]`; `case_id` names it in errors."""
+
+    from viseg.inference.export import revert_geometry
+    from viseg.preprocessing.preprocess import preprocess_case
+    if image.shape[0] != ensemble.plans.num_channels:
+        raise DatasetError(f"image has {image.shape[0]} channel(s); the model takes {ensemble.plans.num_channels}",
+                           fix="pass the channels in dataset.json's channel_names order")
+    data, _, properties = preprocess_case(image, None, spacing, ensemble.plans, ensemble.configuration,
+                                          case_id=case_id)
+    probabilities = ensemble_probabilities(ensemble, data, options or InferenceOptions())
+    return revert_geometry(probabilities, properties, ensemble.plans, ensemble.configuration)
+
+
+def segment(probabilities: np.ndarray, label_values: tuple[int, ...],
+            postprocessing: Postprocessing | None = None) -> np.ndarray:
+    """Label map (original label values) from probabilities, postprocessed when a spec is given."""
+
+    from viseg.inference.export import keep_largest_component, probabilities_to_labels
+    labels = probabilities_to_labels(probabilities, label_values)
+    if postprocessing is not None:
+        labels = keep_largest_component(labels, postprocessing.largest_component_labels)
+    return labels
+
+
+def check_postprocessing(postprocessing: Postprocessing | None, ensemble: Ensemble) -> None:
+    if postprocessing is None:
+        return
+    unknown = sorted(set(postprocessing.largest_component_labels) - set(ensemble.label_values[1:]))
+    if unknown:
+        raise ConfigError(f"{postprocessing.source} names label(s) {unknown} the model does not predict "
+                          f"(it predicts {list(ensemble.label_values[1:])})",
+                          fix="list only predicted label values in largest_component_labels")
+
+
+def _check_finite(case_input: CaseInput, image: np.ndarray) -> None:
+    """NaN or infinite voxels would spread through normalisation into every window that touches them."""
+    for channel, source in enumerate(case_input.case.images if case_input.case else ()):
+        bad = int(np.count_nonzero(~np.isfinite(image[channel])))
+        if bad:
+            raise DatasetError(f"{source.path}: channel {channel} has {bad} NaN or infinite voxel(s) of "
+                               f"{image[channel].size}", fix="fix the export (or replace the voxels with a valid "
+                               "intensity)")
+
+
+def predict_one(ensemble: Ensemble, case_input: CaseInput, output: Path, options: InferenceOptions,
+                postprocessing: Postprocessing | None = None, save_probabilities: bool = False) -> Path:
+    """Read, predict and write one case; returns the label file. Input problems raise DatasetError."""
+
+    from viseg.data.nifti import read_case
+    from viseg.inference.export import write_probabilities, write_segmentation
+    if case_input.case is None:
+        raise DatasetError(case_input.problem or f"case {case_input.case_id} cannot be read")
+    check_case_headers(case_input.case, ensemble.plans.num_channels)
+    arrays = read_case(case_input.case, with_label=False)
+    _check_finite(case_input, arrays.image)
+    probabilities = predict_case(ensemble, arrays.image, arrays.spacing, options, case_input.case_id)
+    target = output / f"{case_input.case_id}{ensemble.file_ending}"
+    write_segmentation(segment(probabilities, ensemble.label_values, postprocessing),
+                       case_input.case.images[0].path, target)
+    if save_probabilities:
+        write_probabilities(probabilities, ensemble.label_values, output / f"{case_input.case_id}.npz")
+    return target
+
+
+def predict_cases(ensemble: Ensemble, cases: list[CaseInput], output: Path, options: InferenceOptions,
+                  postprocessing: Postprocessing | None = None, save_probabilities: bool = False,
+                  progress: bool = True) -> PredictionReport:
+    """Every case in turn; a case that fails, for whatever reason, is reported (naming its files) and skipped.
+
+    Any Exception, not only VisegError: a MemoryError (a huge case), a library's error on an exotic file or a
+    bug hit by one case must not cost the other cases of the folder. A full disk, KeyboardInterrupt and SystemExit
+    still stop the command. The traceback of an unexpected error goes to the debug log."""
+    from tqdm.auto import tqdm
+
+    output.mkdir(parents=True, exist_ok=True)
+    report = PredictionReport()
+    for case_input in tqdm(cases, desc="Predicting", unit="case", disable=not progress):
+        try:
+            predict_one(ensemble, case_input, output, options, postprocessing, save_probabilities)
+        except Exception as exc:
+            if is_storage_full(exc):  # no later case could be written either: stop, naming the file
+                raise
+            message = str(exc) if isinstance(exc, VisegError) else _unexpected(case_input, exc)
+            report.failures[case_input.case_id] = message
+            tqdm.write(f"viseg predict: {case_input.case_id} failed: {message}", file=sys.stderr)
+            continue
+        report.predicted.append(case_input.case_id)
+    return report
+
+
+def _unexpected(case_input: CaseInput, exc: Exception) -> str:
+    """An error viseg did not foresee, with the files it happened on, so that the case can be looked at."""
+    log.debug("case %s failed", case_input.case_id, exc_info=exc)
+    files = [str(s.path) for s in case_input.case.images] if case_input.case else []
+    what = "out of memory while predicting" if isinstance(exc, MemoryError) else "unexpected error while predicting"
+    return (f"{', '.join(files) or case_input.case_id}: {what}: {type(exc).__name__}: {exc}\n  fix: "
+            + ("free memory or predict this case on a larger machine" if isinstance(exc, MemoryError) else
+               "check the file by hand; if it opens elsewhere, report this as a viseg bug with this message"))

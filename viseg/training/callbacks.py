@@ -1,0 +1,160 @@
+"""Lightning callbacks for a run folder: atomic checkpoints that carry provenance, the metrics history
+(CSV and progress.png, both rebuilt from state saved in the checkpoint so they survive a resume), epoch
+timing and an optional per-epoch report hook (the Ray Tune adapter uses it)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from viseg.errors import free_space_then, is_storage_full, storage_full
+from viseg.io.atomic import write_atomically, write_text_atomically
+from viseg.io.checkpoints import keep_previous as keep_previous_checkpoint
+from viseg.io.layout import BEST_CHECKPOINT, LAST_CHECKPOINT
+
+ReportFn = Callable[[dict[str, float], Path], None]
+BEST_METRIC = "val/ema_pseudo_dice"
+
+
+def atomic_save_checkpoint(trainer: L.Trainer, path: Path, keep_previous: bool = False) -> None:
+    """Lightning writes checkpoints in place; a kill mid-write would leave a truncated file that a later
+    resume trusts. Write beside it, flush to disk, then rename over the old one (after moving the old one to
+    previous.ckpt when asked: renames only, so every moment has at least one complete checkpoint)."""
+    try:
+        # the full state (weights_only=False): resuming needs the optimizer too
+        write_atomically(path, lambda tmp: trainer.save_checkpoint(tmp, weights_only=False), fsync=True,
+                         before_replace=(lambda: keep_previous_checkpoint(path.parent)) if keep_previous else None)
+    except Exception as exc:
+        if is_storage_full(exc):
+            # the run folder exists now, so the same `viseg.train` command would refuse it: continue it instead
+            # (a sweep rewrites this advice into its own resume=)
+            run_dir = path.parent.parent
+            raise storage_full("a checkpoint", path, fix=free_space_then(
+                f"continue the run: python -m viseg.train continue_from={run_dir} (it resumes from "
+                f"{path.parent / LAST_CHECKPOINT})")) from exc
+        raise
+
+
+class RunCheckpoints(L.Callback):
+    """`last.ckpt` after every epoch, `best.ckpt` when the moving-average pseudo-Dice improves. Every
+    checkpoint carries the fully resolved config and the plan, so it alone suffices to resume or predict."""
+
+    def __init__(self, directory: Path, config_yaml: str, plans: dict[str, Any]):
+        self.directory = Path(directory)
+        self.config_yaml, self.plans = config_yaml, plans
+        self.best: float | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint["viseg"] = {"config_yaml": self.config_yaml, "plans": self.plans}
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        score = trainer.callback_metrics.get(BEST_METRIC)
+        improved = score is not None and (self.best is None or float(score) > self.best)
+        if improved:
+            self.best = float(score)
+        # previous.ckpt: a resume falls back to it should last.ckpt ever be damaged
+        atomic_save_checkpoint(trainer, self.directory / LAST_CHECKPOINT, keep_previous=True)
+        if improved:
+            atomic_save_checkpoint(trainer, self.directory / BEST_CHECKPOINT)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = state_dict.get("best")
+
+
+class MetricsHistory(L.Callback):
+    """One row per epoch: written to metrics.csv and plotted to progress.png after every epoch.
+
+    Must run before RunCheckpoints so that the checkpoint's copy of the history includes its own epoch."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.rows: list[dict[str, float]] = []
+        self._epoch_start = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        row = {"epoch": float(trainer.current_epoch), "epoch_time": time.perf_counter() - self._epoch_start}
+        row |= {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        self.rows.append(row)
+        self._write_csv()
+        plot_progress(self.rows, self.run_dir / "progress.png")
+
+    def _write_csv(self) -> None:
+        keys = list(dict.fromkeys(k for row in self.rows for k in row))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomically(self.run_dir / "metrics.csv", text.getvalue())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict.get("rows", []))
+
+
+def plot_progress(rows: list[dict[str, float]], path: Path) -> None:
+    """nnU-Net-style progress plot: losses and pseudo-Dice, learning rate, epoch time. A bare Figure on the
+    Agg canvas: no pyplot, no backend switch, nothing global in a Ray worker that is reused across trials."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = [r["epoch"] for r in rows]
+
+    def series(key: str) -> list[float]:
+        return [r.get(key, math.nan) for r in rows]
+
+    fig = Figure(figsize=(9, 10))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3, 1, sharex=True)
+    axes[0].plot(epochs, series("train/loss"), label="train loss", color="tab:blue")
+    axes[0].plot(epochs, series("val/loss"), label="val loss", color="tab:red")
+    dice_axis = axes[0].twinx()
+    dice_axis.plot(epochs, series("val/mean_pseudo_dice"), ":", label="pseudo Dice", color="tab:green")
+    dice_axis.plot(epochs, series("val/ema_pseudo_dice"), label="pseudo Dice (EMA)", color="tab:green")
+    dice_axis.set_ylabel("pseudo Dice")
+    axes[0].set_ylabel("loss")
+    axes[0].legend(loc="upper left")
+    dice_axis.legend(loc="upper right")
+    axes[1].plot(epochs, series("lr"), color="tab:purple")
+    axes[1].set_ylabel("learning rate")
+    axes[2].plot(epochs, series("epoch_time"), color="tab:gray")
+    axes[2].set_ylabel("epoch time (s)")
+    axes[2].set_xlabel("epoch")
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=80), keep_ending=True)
+
+
+class ReportHook(L.Callback):
+    """Hands each epoch's metrics and the checkpoint folder to `report` once the checkpoint is on disk."""
+
+    def __init__(self, report: ReportFn, history: MetricsHistory, checkpoint_dir: Path):
+        self.report, self.history, self.checkpoint_dir = report, history, Path(checkpoint_dir)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.report(dict(self.history.rows[-1]), self.checkpoint_dir)
+
+
+class EpochSeeder(L.Callback):
+    """Tell the data module which epoch starts, so every epoch draws new patches, reproducibly."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(trainer.current_epoch)
