@@ -70,3 +70,15 @@ def test_plan_train_and_sweep_dry_run_from_an_empty_folder(installed: tuple[Path
     dry = _run([viseg, "sweep", "folds=0-1", "lr_scheduler=step_lr,poly", "dry_run=true"], cwd=work, env=env).stdout
     assert "trials      4 (2 variant(s) x folds [0, 1])" in dry, dry
     assert dry.count("lr_scheduler=poly") == 2 and not (work / "results" / "sweeps").exists()
+
+
+def test_a_users_config_folder_adds_to_the_packaged_one(installed: tuple[Path, dict[str, str]],
+                                                        tmp_path: Path) -> None:
+    """Hydra's --config-dir puts the user's folder on top: their config extends a packaged one by name."""
+    site, env = installed
+    mine = tmp_path / "my_conf"
+    mine.mkdir()
+    (mine / "my_config.yaml").write_text("defaults:\n  - anatomy_config\n  - _self_\ntrainer:\n  max_epochs: 3\n")
+    shown = _run([str(site / "bin" / "viseg"), "train", "--config-dir", str(mine), "--config-name", "my_config",
+                  "--cfg", "job"], cwd=tmp_path, env=env).stdout
+    assert "trainer:\n  max_epochs: 3\n  iterations_per_epoch: 250" in shown, shown
