@@ -114,6 +114,19 @@ def _override_syntax_error(exc: Any) -> ConfigError:
     return ConfigError(f"{exc.override}: {lines[0]}", fix=f"check the override's syntax ({_GRAMMAR})")
 
 
+def quote_values(argv: list[str], keys: tuple[str, ...]) -> list[str]:
+    """Quote the values of `keys` (paths): Hydra reads an unquoted `a,b` as a sweep over a and b, and
+    stumbles over characters such as parentheses that paths may hold. A value already quoted is kept."""
+    quoted = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in keys and value and value[0] not in "'\"":
+            quote = "'" if "'" not in value else '"'
+            arg = f"{key}={quote}{value}{quote}"
+        quoted.append(arg)
+    return quoted
+
+
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
 

@@ -24,7 +24,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from viseg.cli import run_app
+from viseg.cli import quote_values, run_app
 from viseg.config import PredictConfig, register_predict_configs
 from viseg.data.prediction_inputs import find_cases
 from viseg.inference.ensemble import Ensemble, Postprocessing, load_ensemble, resolve_model
@@ -73,21 +73,8 @@ def predict_command(cfg: PredictConfig, progress: bool = True) -> int:
     return _print_report(report, output)
 
 
-def quote_paths(argv: list[str]) -> list[str]:
-    """Quote the values of model=, input= and output=: Hydra reads an unquoted `a,b` as a sweep over a and
-    b, and stumbles over characters such as parentheses that paths may hold."""
-    quoted = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key in PATH_KEYS and value and value[0] not in "'\"":
-            quote = "'" if "'" not in value else '"'
-            arg = f"{key}={quote}{value}{quote}"
-        quoted.append(arg)
-    return quoted
-
-
 def main(argv: list[str] | None = None) -> None:
-    run_app(predict_command, app="predict", argv=quote_paths(sys.argv[1:] if argv is None else argv),
+    run_app(predict_command, app="predict", argv=quote_values(sys.argv[1:] if argv is None else argv, PATH_KEYS),
             config_name="predict", register=register_predict_configs)
 
 

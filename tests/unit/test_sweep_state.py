@@ -49,3 +49,21 @@ def test_a_state_file_with_settings_this_viseg_does_not_know_is_named(tmp_path: 
 def test_values_a_comment_used_to_list_are_checked(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_request(["folds=0", override], sweeps_dir=NO_SPECS)
+
+
+def test_the_mode_comes_from_the_typed_settings_and_two_modes_are_refused(capsys: pytest.CaptureFixture) -> None:
+    from viseg.sweep.__main__ import main
+
+    assert main(["summary=/tmp/a", "resume=/tmp/b"]) == 2
+    assert "summary= and resume= are different modes" in capsys.readouterr().err
+
+
+def test_a_path_setting_is_read_whole_commas_and_brackets_included(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """summary= of a folder that is no experiment: refused by name, and nothing is written there."""
+    from viseg.sweep.__main__ import main
+
+    odd = tmp_path / "no experiment (copy), 2"
+    assert main([f"summary={odd}"]) == 2
+    assert f"{odd} is not a sweep experiment" in capsys.readouterr().err
+    assert not odd.exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from viseg.cli import configure_logging, user_error
+from viseg.cli import configure_logging, quote_values, user_error
 from viseg.resources import sweeps_dir
 from viseg.sweep.commands import run
 
@@ -47,6 +47,10 @@ else), summary.json/.csv/.png and errors.json.
 """
 
 
+# Settings whose values are paths: quoted before Hydra's override grammar reads them (see quote_values).
+PATH_SETTINGS = ("resume", "summary", "cross_validate", "best", "storage_path")
+
+
 def _normalise_args(args: list[str]) -> list[str]:
     """`--config-name X` / `--config-name=X` become the sweep setting config_name=X."""
     out, i = [], 0
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging()
     try:
-        return run(_normalise_args(args), sweeps_dir())
+        return run(quote_values(_normalise_args(args), PATH_SETTINGS), sweeps_dir())
     except Exception as exc:
         error = user_error(exc)
         if error is None:

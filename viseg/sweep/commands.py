@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 
 
 def print_summary(experiment_dir: Path) -> int:
-
+    if not (experiment_dir / STATE_FILE).is_file() and not (experiment_dir / "runs").is_dir():
+        raise ConfigError(f"{experiment_dir} is not a sweep experiment (no {STATE_FILE}, no runs/)",
+                          fix="pass the experiment folder printed when the sweep started")
     summaries = summarize(experiment_dir)
     written = write_summary(experiment_dir, summaries)
     print(render_table(summaries))
@@ -123,13 +125,22 @@ def resume(experiment: str) -> int:
     return _fit(plan, restore_tuner(plan))
 
 
+MODES = ("summary", "resume", "cross_validate", "best")  # settings of SweepConfig that each pick a mode
+
+
 def run(args: list[str], sweeps_dir: Path) -> int:
-    for mode, handler in (("summary=", lambda p: print_summary(Path(p))), ("resume=", resume)):
-        target = next((a.split("=", 1)[1] for a in args if a.startswith(mode)), None)
-        if target is not None:
-            return handler(target)
-    if any(a.startswith("cross_validate=") for a in args):
+    """The mode the typed settings ask for (summary=, resume=, cross_validate=, best=), else a new sweep."""
+    settings = parse_request(args, sweeps_dir).settings
+    given = [mode for mode in MODES if getattr(settings, mode) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(f'{m}=' for m in given)} are different modes of the sweep command",
+                          fix="give one of them per command")
+    if settings.summary is not None:
+        return print_summary(Path(settings.summary))
+    if settings.resume is not None:
+        return resume(settings.resume)
+    if settings.cross_validate is not None:
         return cross_validate(args, sweeps_dir)
-    if any(a.startswith("best=") for a in args):
+    if settings.best is not None:
         return choose_best(args, sweeps_dir)
     return new_sweep(args, sweeps_dir)
