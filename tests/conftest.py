@@ -17,6 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("VISEG_STATE_KEY", os.path.join(tempfile.mkdtemp(prefix="viseg-test-key-"), "state.key"))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with slow end-to-end tests first: on two xdist workers, a long test started last would run
+    alone at the end. Each module's tests stay together, in their order, so module fixtures are built once."""
+    modules = list(dict.fromkeys(item.module.__name__ for item in items))
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    rank = {name: (name not in slow, i) for i, name in enumerate(modules)}
+    items.sort(key=lambda item: rank[item.module.__name__])
+
+
 def shared_dir() -> Path:
     """The project's shared folder (../shared beside the checkout; VISEG_SHARED overrides)."""
     return Path(os.environ.get("VISEG_SHARED", REPO.parent / "shared"))

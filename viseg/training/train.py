@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from viseg.config import BaseConfig
 from viseg.errors import ConfigError
 from viseg.io.atomic import copy_atomically, write_text_atomically
@@ -26,9 +24,10 @@ from viseg.io.jsonio import write_json_atomic
 from viseg.io.layout import BEST_CHECKPOINT, CHECKPOINTS_DIR, FINISHED_MARKER, RESUMABLE_CHECKPOINTS
 from viseg.planning.plans import Plans
 from viseg.preprocessing.prepare import PreparedDataset, prepare
-from viseg.preprocessing.preprocess import load_case, preprocess_dataset
+from viseg.preprocessing.preprocess import preprocess_dataset
 from viseg.training.continue_run import is_started, own_prepared
 from viseg.training.resolve import resolve_config
+from viseg.training.validation import validate_full_cases
 
 if TYPE_CHECKING:  # callbacks import Lightning: a config error must not wait for it (nor must --help)
     from viseg.training.callbacks import ReportFn
@@ -160,39 +159,6 @@ def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progr
         gradient_clip_val=cfg.trainer.gradient_clip_val, num_sanity_val_steps=0, callbacks=callbacks,
         logger=TensorBoardLogger(run_dir, name="tensorboard", version=""), enable_checkpointing=False,
         enable_progress_bar=progress, enable_model_summary=False, deterministic=False, log_every_n_steps=1)
-
-
-def validate_full_cases(network: Any, cfg: BaseConfig, prepared: PreparedDataset, folder: Path,
-                        run_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Sliding-window prediction of every validation case of the fold, Dice per class per case; voxels of
-    the ignore label are not scored.
-
-    Evaluated on the preprocessed grid (after resampling to the plan's spacing); exporting to the original
-    grid is the job of `python -m viseg.predict`.
-    """
-    from tqdm.auto import tqdm
-
-    from viseg.evaluation.metrics import dice_per_label, mean_ignoring_none, mean_over_cases
-    from viseg.inference.sliding_window import predict_volume
-
-    plan = prepared.plans.configuration(prepared.configuration)
-    labels = prepared.plans.label_encoding()
-    device = next(network.parameters()).device
-    network.eval()
-    cases: dict[str, list[float | None]] = {}
-    for case_id in tqdm(prepared.splits[cfg.fold]["val"], desc="Validating", disable=not progress):
-        data, seg, _, _ = load_case(folder, case_id)
-        probabilities = predict_volume(network, np.asarray(data), plan.patch_size, labels.num_classes, device)
-        prediction = probabilities.argmax(0).cpu().numpy()
-        target = labels.encode(np.asarray(seg)[0], keep_outside=False)  # outside the mask is background
-        # classes 1..K-1 of the encoded maps, reported under their dataset label values
-        by_class = dice_per_label(prediction, target, range(1, labels.num_classes), labels.ignore_index)
-        cases[case_id] = {str(label): by_class[str(k)] for k, label in enumerate(cfg.foreground_labels, 1)}
-    per_class = mean_over_cases(cases.values(), map(str, cfg.foreground_labels))
-    summary = {"fold": cfg.fold, "cases": cases, "mean_dice_per_class": per_class,
-               "mean_dice": mean_ignoring_none(per_class.values())}
-    write_json_atomic(run_dir / "validation" / "summary.json", summary)
-    return summary
 
 
 def _fit(trainer: Any, module: Any, datamodule: Any, resume_from: Path | None) -> None:
