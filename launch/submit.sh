@@ -93,7 +93,12 @@ python_bin="$(dirname "$ray_bin")/python"
 [[ -x "$python_bin" ]] || python_bin="$(command -v python3)"
 stage="$(mktemp -d "${TMPDIR:-/tmp}/viseg-submit.XXXXXX")"
 trap 'rm -rf "$stage"' EXIT
-"$python_bin" -m pip wheel --no-deps --no-build-isolation -q -w "$stage/dist" . >&2 \
+# Built from a copy of its inputs (pyproject.toml's packages and readme): setuptools writes build/ and
+# *.egg-info beside the sources, which must not race with a second submit or a build in the checkout.
+mkdir -p "$stage/src"
+cp -R pyproject.toml README.md viseg conf sweeps "$stage/src/"
+find "$stage/src" -name __pycache__ -prune -exec rm -rf {} +
+"$python_bin" -m pip wheel --no-deps --no-build-isolation -q -w "$stage/dist" "$stage/src" >&2 \
     || { echo "submit.sh: building viseg's wheel failed (pip wheel above); it needs setuptools>=77" >&2; exit 2; }
 "$python_bin" -m pip install --no-deps -q --target "$stage/job" "$stage"/dist/viseg-*.whl >&2
 rm -rf "$stage/job/bin"  # console scripts whose first line names this machine's Python

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import build_wheel
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
@@ -24,13 +26,9 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) 
 def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """The wheel, installed into its own target folder; the environment that uses it instead of the checkout."""
     root = tmp_path_factory.mktemp("wheel")
-    dist, site = root / "dist", root / "site"
-    # --no-build-isolation: the venv's setuptools builds it, so the test needs no package index
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(REPO)],
-         cwd=root, env=dict(os.environ))
-    wheels = list(dist.glob("viseg-*.whl"))
-    assert len(wheels) == 1, wheels
-    _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheels[0])],
+    site = root / "site"
+    wheel = build_wheel(root)
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
          cwd=root, env=dict(os.environ))
     # The wheel's viseg comes first on the path; the venv still provides torch, Ray and the rest.
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}

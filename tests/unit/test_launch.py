@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from tests.helpers import WHEEL_INPUTS, build_wheel
+
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 
@@ -28,11 +30,10 @@ def test_runtime_env_is_valid_and_the_upload_is_viseg_as_its_wheel_installs_it(t
     assert "working_dir" not in env and "py_modules" not in env  # submit.sh gives the staged wheel
     script = (LAUNCH / "submit.sh").read_text()
     assert "pip wheel --no-deps" in script and '--working-dir "$stage/job"' in script
+    assert all(name in script for name in WHEEL_INPUTS)  # submit.sh copies the same inputs
     stage = tmp_path / "job"
-    pip = [sys.executable, "-m", "pip"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
-                   check=True, capture_output=True)
-    subprocess.run([*pip, "install", "--no-deps", "-q", "--target", str(stage), *map(str, tmp_path.glob("*.whl"))],
+    wheel = build_wheel(tmp_path / "build")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(stage), str(wheel)],
                    check=True, capture_output=True)
     package = tmp_path / "working_dir.zip"
     create_package(str(stage), package, include_gitignore=False, excludes=env["excludes"])
