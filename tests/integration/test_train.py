@@ -67,6 +67,21 @@ def test_run_folder_is_complete(demo: Path, tmp_path: Path, config_name: str, la
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert checkpoint["viseg"]["config_yaml"] == (run / "config.yaml").read_text()
     assert list(checkpoint["viseg"]["plans"]["configurations"]["3d_fullres"]["patch_size"]) == [16, 32, 32]
+    assert_training_log(run / "training_log.txt", epochs=2, classes=len(labels))
+
+
+def assert_training_log(path: Path, epochs: int, classes: int) -> None:
+    """nnU-Net's habit: the start with the device, one plain line per epoch with every field, the end."""
+    lines = path.read_text().splitlines()
+    assert f"training from epoch 0 of {epochs} on cpu (32-true precision)" in lines[0], lines
+    per_epoch = [line for line in lines if "  epoch " in line]
+    assert [line.split("  epoch ")[1].split()[0] for line in per_epoch] == [f"{e}/{epochs - 1}" for e in range(epochs)]
+    for line in per_epoch:
+        for field in ("train_loss ", "val_loss ", "ema 0.", "lr 0.", " s"):
+            assert field in line, (field, line)
+        assert len(line.split("pseudo_dice [")[1].split("]")[0].split()) == classes, line
+    assert "new best" in per_epoch[0]
+    assert f"training ended after epoch {epochs - 1}; best EMA pseudo-Dice" in lines[-1], lines
 
 
 def test_preprocessing_runs_once_for_runs_sharing_a_plan(demo: Path, tmp_path: Path):
@@ -129,6 +144,10 @@ def test_sigkill_then_continue_ends_where_an_uninterrupted_run_would(demo: Path,
     assert float(rows[-1]["lr"]) == pytest.approx(0.01 * (1 - 3 / 4) ** 0.9, rel=1e-6)
     torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert (run_dir / "finished.json").is_file()
+    # off a terminal the command prints the log's lines; the log gained the continued part
+    assert "  epoch 3/3  train_loss" in resumed.stdout, resumed.stdout
+    log = (run_dir / "training_log.txt").read_text()
+    assert "continuing at epoch" in log and log.count("training from epoch 0 of 4") == 1
 
 
 def test_continue_refuses_locked_overrides_and_warns_about_horizons(demo: Path, tmp_path: Path):

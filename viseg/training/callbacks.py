@@ -9,6 +9,7 @@ import io
 import math
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from viseg.errors import free_space_then, is_storage_full, storage_full
 from viseg.io.atomic import write_atomically, write_text_atomically
 from viseg.io.checkpoints import keep_previous as keep_previous_checkpoint
-from viseg.io.layout import BEST_CHECKPOINT, LAST_CHECKPOINT
+from viseg.io.layout import BEST_CHECKPOINT, LAST_CHECKPOINT, TRAINING_LOG
 
 ReportFn = Callable[[dict[str, float], Path], None]
 BEST_METRIC = "val/ema_pseudo_dice"
@@ -107,6 +108,56 @@ class MetricsHistory(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict.get("rows", []))
+
+
+class TrainingLog(L.Callback):
+    """training_log.txt, as nnU-Net users read it: the start (device, precision, epochs), one plain line per
+    epoch from the history's row (losses, pseudo-Dice per class, EMA, learning rate, epoch time, "new best"),
+    and the end. Appended, so a continued run adds to it. With `echo` the lines also go to stdout: for
+    `python -m viseg.train` off a terminal (a log file, a batch job), where a progress bar comes out garbled.
+
+    Must run after MetricsHistory, whose row of the epoch it formats."""
+
+    def __init__(self, run_dir: Path, history: MetricsHistory, echo: bool = False):
+        self.path, self.history, self.echo = Path(run_dir) / TRAINING_LOG, history, echo
+
+    def _write(self, text: str) -> None:
+        line = f"{datetime.now().isoformat(sep=' ', timespec='seconds')}  {text}"
+        with self.path.open("a", encoding="utf-8") as log:
+            log.write(line + "\n")
+        if self.echo:
+            print(line, flush=True)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        start = "continuing at" if trainer.current_epoch else "training from"
+        self._write(f"{start} epoch {trainer.current_epoch} of {trainer.max_epochs} on {pl_module.device} "
+                    f"({trainer.precision} precision)")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.history.rows:
+            self._write(epoch_line(self.history.rows, trainer.max_epochs))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        emas = [(r.get(BEST_METRIC, math.nan), int(r["epoch"])) for r in self.history.rows]
+        best = max((e for e in emas if not math.isnan(e[0])), default=None)
+        self._write(f"training ended after epoch {trainer.current_epoch - 1}"
+                    + (f"; best EMA pseudo-Dice {best[0]:.4f} at epoch {best[1]}" if best else ""))
+
+
+def epoch_line(rows: list[dict[str, float]], max_epochs: int | None) -> str:
+    """The last row of the history as one line; "new best" when its EMA pseudo-Dice beats every earlier one."""
+    row = rows[-1]
+    per_class = [v for k, v in sorted(row.items()) if k.startswith("val/pseudo_dice_")]
+    earlier = [r[BEST_METRIC] for r in rows[:-1] if BEST_METRIC in r]
+    ema = row.get(BEST_METRIC)
+    fields = [f"epoch {int(row['epoch'])}" + (f"/{max_epochs - 1}" if max_epochs else ""),
+              f"train_loss {row.get('train/loss', math.nan):.4f}", f"val_loss {row.get('val/loss', math.nan):.4f}",
+              "pseudo_dice [" + " ".join(f"{v:.4f}" for v in per_class) + "]",
+              f"ema {ema:.4f}" if ema is not None else "ema -", f"lr {row.get('lr', math.nan):.3g}",
+              f"time {row['epoch_time']:.1f} s"]
+    if ema is not None and all(ema > e for e in earlier):
+        fields.append("new best")
+    return "  ".join(fields)
 
 
 def plot_progress(rows: list[dict[str, float]], path: Path) -> None:

@@ -12,6 +12,7 @@ named from (dataset, plan, config name, fold), never from a timestamp, so resumi
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +141,7 @@ def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progr
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from viseg.training.callbacks import EpochSeeder, MetricsHistory, ReportHook, RunCheckpoints
+    from viseg.training.callbacks import EpochSeeder, MetricsHistory, ReportHook, RunCheckpoints, TrainingLog
 
     accelerator, devices = accelerator_and_devices(cfg.devices)
     precision = cfg.trainer.precision
@@ -150,7 +151,10 @@ def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progr
     history = MetricsHistory(run_dir)
     # order matters: the history records the epoch, the checkpoint saves it, then the report sees both
     plans = Plans.load(run_dir / "plans.json").to_dict()
-    callbacks = [history, RunCheckpoints(checkpoint_dir, config_yaml(cfg), plans), EpochSeeder()]
+    # `python -m viseg.train` off a terminal prints the log's lines; a sweep trial (report given) does not
+    echo = report is None and not sys.stdout.isatty()
+    callbacks = [history, TrainingLog(run_dir, history, echo), RunCheckpoints(checkpoint_dir, config_yaml(cfg), plans),
+                 EpochSeeder()]
     if report is not None:
         callbacks.append(ReportHook(report, history, checkpoint_dir))
     return L.Trainer(
