@@ -82,7 +82,9 @@ def markdown(groups: list[dict[str, Any]]) -> str:
             std = "-" if s[t]["std"] is None else f"{s[t]['std']:.4f}"
             lines.append(f"| {NAMES[t]} | {len(g['runs'])} | {s[t]['mean']:.4f} | {s[t]['min']:.4f} | "
                          f"{s[t]['max']:.4f} | {s[t]['range']:.4f} | {std} |")
-        verdict = ("the runs of one tool differ by less than 0.01, so the target can be read"
+        verdict = ("a single run: its spread is not measured yet (the 500-iteration runs differed by up to "
+                   "0.066); more runs at this budget would say how far it can be read" if len(g["runs"]) == 1 else
+                   "the runs of one tool differ by less than 0.01, so the target can be read"
                    if g["resolves_0.01"] else
                    f"the runs of one tool differ by up to {g['largest_run_to_run_range']:.4f}, more than the 0.01 "
                    "the target asks to resolve: this budget cannot decide it; a longer budget (less spread) or "
