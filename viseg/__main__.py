@@ -13,19 +13,32 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
+from collections.abc import Callable
+from typing import Any
 
-# A fixed table of literal module names: the command line picks a key, never an import path.
-COMMANDS = {
-    "verify": "viseg.verify",
-    "plan": "viseg.plan",
-    "train": "viseg.train",
-    "predict": "viseg.predict",
-    "evaluate": "viseg.evaluate",
-    "sweep": "viseg.sweep.__main__",
-    "demo": "viseg.demo",
-}
+
+def _command(name: str) -> Callable[[list[str]], Any]:
+    """The command's main, imported on use (`viseg sweep --help` must not wait for what `viseg train`
+    needs); literal imports only: the command line picks a name, never an import path."""
+    if name == "verify":
+        from viseg.verify import main
+    elif name == "plan":
+        from viseg.plan import main
+    elif name == "train":
+        from viseg.train import main
+    elif name == "predict":
+        from viseg.predict import main
+    elif name == "evaluate":
+        from viseg.evaluate import main
+    elif name == "sweep":
+        from viseg.sweep.__main__ import main
+    else:
+        from viseg.demo import main
+    return main
+
+
+COMMANDS = ("verify", "plan", "train", "predict", "evaluate", "sweep", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"viseg: unknown command {command!r}; choose one of {', '.join(COMMANDS)} (viseg --help)",
               file=sys.stderr)
         return 2
-    # Imported on use: `viseg sweep --help` must not wait for what `viseg train` needs.
-    result = importlib.import_module(COMMANDS[command]).main(rest)
+    result = _command(command)(rest)
     return result if isinstance(result, int) else 0
 
 

@@ -191,7 +191,7 @@ def test_an_ignore_label_is_trained_around_and_never_predicted(demo: Path, tmp_p
     import numpy as np
 
     from viseg.config import PredictConfig
-    from viseg.inference.predict import predict_command
+    from viseg.predict import predict_command
 
     sparse = tmp_path / "sparse"
     shutil.copytree(demo, sparse)

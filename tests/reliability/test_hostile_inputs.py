@@ -54,7 +54,7 @@ def small_budget(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("read", ["read_header", "read_voxels"])
 def test_a_header_claiming_more_than_gzip_can_hold_is_refused_before_any_voxel_is_read(tmp_path: Path, read: str):
-    from viseg.data import io
+    from viseg.data import nifti as io
 
     path = lying_header(tmp_path / "bomb_0000.nii.gz")
     assert path.stat().st_size < 400
@@ -202,7 +202,7 @@ def test_predict_fails_the_hostile_cases_alone_and_writes_the_good_one(tiny_run:
 def test_any_exception_fails_only_its_case(tiny_run: tuple[Path, Path], tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch):
     """A MemoryError (or any bug) is no VisegError: before, the first one ended the whole folder."""
-    from viseg.data import io
+    from viseg.data import nifti as io
     from viseg.data.prediction_inputs import find_cases
     from viseg.inference.ensemble import load_ensemble
     from viseg.inference.predict import InferenceOptions, predict_cases
@@ -293,7 +293,7 @@ def test_train_refuses_a_name_that_escapes_paths_results(tmp_path: Path, name: s
 
 
 def test_a_link_planted_at_the_temporary_name_is_not_followed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from viseg import atomic
+    from viseg.io import atomic
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")

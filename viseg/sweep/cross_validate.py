@@ -83,8 +83,8 @@ def plan_cross_validation(request: SweepRequest, cli_keys: set[str]) -> SweepPla
         raise ConfigError(f"{search_dir} is a grid sweep, not a search: it has every fold already",
                           fix="read its cross-validation table with summary=" + str(search_dir))
     # the search's own settings (metric, mode) stay: they describe how the candidates were ranked
-    given = {key: getattr(request.settings, key) for key in cli_keys
-             if key != "search" and key in {f.name for f in fields(SweepConfig)}}
+    settable = {f.name for f in fields(SweepConfig)} - {"search", "dry_run", "cross_validate", "resume", "summary"}
+    given = {key: getattr(request.settings, key) for key in cli_keys & settable}
     settings = replace(search.settings, **given, dry_run=request.settings.dry_run, cross_validate=str(search_dir),
                        resume=None, summary=None)
     top_k = settings.top_k
