@@ -17,7 +17,7 @@ from viseg.cli import to_typed
 from viseg.config import BaseConfig
 from viseg.errors import ConfigError
 from viseg.io.jsonio import read_json
-from viseg.io.layout import FINISHED_MARKER, WEIGHTS, WEIGHTS_HELP, is_run_dir, weights_file
+from viseg.io.layout import EXPERIMENT_RUNS, FINISHED_MARKER, WEIGHTS, WEIGHTS_HELP, is_run_dir, weights_file
 from viseg.io.layout import experiment_variants as layout_variants
 from viseg.planning.plans import Plans, plans_from_dict
 
@@ -90,7 +90,7 @@ def resolve_model(model: str, variant: str | None = None) -> ModelSelection:
     paths = [Path(p.strip()).expanduser() for p in model.split(",") if p.strip()]
     if not paths:
         raise ConfigError("model= is empty", fix="pass a run folder, a comma list of them, or an experiment folder")
-    if len(paths) == 1 and not is_run_dir(paths[0]) and (paths[0] / "runs").is_dir():
+    if len(paths) == 1 and not is_run_dir(paths[0]) and (paths[0] / EXPERIMENT_RUNS).is_dir():
         return _experiment_selection(paths[0], variant)
     if variant is not None:
         raise ConfigError(f"variant={variant} applies to a sweep experiment folder, but model= names run folders",
@@ -106,7 +106,7 @@ def _check_run_dir(path: Path) -> None:
     if not path.exists():
         raise ConfigError(f"model folder {path} does not exist", fix="pass a run folder printed by python -m "
                           "viseg.train (…/fold_<k>) or a sweep experiment folder")
-    if not is_run_dir(path) and (path / "runs").is_dir():
+    if not is_run_dir(path) and (path / EXPERIMENT_RUNS).is_dir():
         raise ConfigError(f"{path} is a sweep experiment folder, listed among other folders",
                           fix="list run folders (…/fold_<k>) only, or pass the experiment alone with variant=")
     if not is_run_dir(path):
@@ -117,7 +117,7 @@ def _check_run_dir(path: Path) -> None:
 def experiment_variants(experiment: Path) -> dict[str, dict[int, Path]]:
     """variant -> fold -> run folder, for every run folder under `<experiment>/runs`, named as `summary=`
     names them (`run_layout.experiment_variants`)."""
-    return layout_variants(experiment / "runs", runs_only=True)
+    return layout_variants(experiment / EXPERIMENT_RUNS, runs_only=True)
 
 
 def _experiment_selection(experiment: Path, variant: str | None) -> ModelSelection:

@@ -7,6 +7,7 @@ import traceback
 from pathlib import Path
 
 from viseg.errors import ConfigError, VisegError, free_space_then, is_storage_full, storage_full
+from viseg.io.layout import EXPERIMENT_RUNS
 from viseg.sweep.best import render, select_best
 from viseg.sweep.cross_validate import plan_cross_validation
 from viseg.sweep.driver import STATE_FILE, SweepPlan, load_state, plan_sweep, prepare_all, render_trials, save_state
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def print_summary(experiment_dir: Path) -> int:
-    if not (experiment_dir / STATE_FILE).is_file() and not (experiment_dir / "runs").is_dir():
+    if not (experiment_dir / STATE_FILE).is_file() and not (experiment_dir / EXPERIMENT_RUNS).is_dir():
         raise ConfigError(f"{experiment_dir} is not a sweep experiment (no {STATE_FILE}, no runs/)",
                           fix="pass the experiment folder printed when the sweep started")
     summaries = summarize(experiment_dir)
@@ -109,7 +110,7 @@ def choose_best(args: list[str], sweeps_dir: Path) -> int:
 
     settings = parse_request(args, sweeps_dir).settings
     experiment = Path(settings.best or "")
-    if not (experiment / "runs").is_dir():
+    if not (experiment / EXPERIMENT_RUNS).is_dir():
         raise ConfigError(f"{experiment} is not a sweep experiment folder (no runs/)",
                           fix="pass the experiment folder printed when the sweep started")
     choice = settings.selection

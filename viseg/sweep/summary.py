@@ -23,7 +23,7 @@ import numpy as np
 
 from viseg.io.atomic import write_atomically, write_text_atomically
 from viseg.io.jsonio import read_json, write_json_atomic
-from viseg.io.layout import FINISHED_MARKER, experiment_variants
+from viseg.io.layout import EXPERIMENT_RUNS, FINISHED_MARKER, experiment_variants
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def _rank_key(summary: VariantSummary) -> tuple[Any, ...]:
 def summarize(experiment: Path) -> list[VariantSummary]:
     """One summary per variant, best first (`_rank_key`); works while the sweep runs: unfinished folds are
     listed but never counted."""
-    runs = experiment_variants(Path(experiment) / "runs")
+    runs = experiment_variants(Path(experiment) / EXPERIMENT_RUNS)
     failed = _assign_errors(_read_errors(Path(experiment)), set(runs))
     summaries = [_summarize_variant(v, runs.get(v, {}), failed.get(v, {})) for v in set(runs) | set(failed)]
     summaries.sort(key=_rank_key)

@@ -9,6 +9,7 @@ from typing import Any
 
 from viseg.errors import ConfigError
 from viseg.io.jsonio import write_json_atomic
+from viseg.io.layout import EXPERIMENT_RUNS
 from viseg.sweep.driver import SweepPlan
 from viseg.sweep.ray_state import ASIDE, UNTRUSTED, SweepTrials, set_aside_damaged_state, set_aside_untrusted_state
 from viseg.sweep.spec import SearchAxis
@@ -46,7 +47,7 @@ def trainable(plan: SweepPlan) -> Any:
 
     resources = plan.settings.resources
     with_data = tune.with_parameters(run_trial, variants=plan.variants,
-                                     runs_dir=str(plan.experiment_dir / "runs"))
+                                     runs_dir=str(plan.experiment_dir / EXPERIMENT_RUNS))
     return tune.with_resources(with_data, {"cpu": resources.cpu, "gpu": resources.gpu})
 
 
