@@ -176,33 +176,6 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path: Path):
     assert epochs_in(run) == [0, 1, 2, 3]
 
 
-def test_optuna_search_then_cross_validation_of_the_best_configuration(tmp_path: Path):
-    search_args = ("optimizer.lr=tag(log, interval(1e-3, 1e-1))", "num_samples=3", "search.scheduler=asha",
-                   "folds=0-1", "trainer.max_epochs=2", "trainer.iterations_per_epoch=2", *TINY,
-                   "experiment=search")
-    result = sweep(*search_args, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    search = tmp_path / "results" / "sweeps" / "search"
-    searched = {r["trial_id"]: r for r in trial_results(search) if "final/mean_dice" in r or "epoch" in r}
-    lrs = {r["config"]["params"]["optimizer.lr"] for r in searched.values()}
-    assert len(lrs) == 3 and all(1e-3 <= lr <= 1e-1 for lr in lrs)  # three distinct draws inside the range
-    # every search trial ran on the search fold only
-    assert {r["config"]["fold"] for r in searched.values()} == {0}
-
-    result = sweep(f"cross_validate={search}", "top_k=1", cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    best = max((r for r in trial_results(search) if "final/mean_dice" in r), key=lambda r: r["val/ema_pseudo_dice"])
-    cv = tmp_path / "results" / "sweeps" / "search-cv-top1"
-    runs = run_folders(cv)
-    assert sorted(runs) == [f"default-{best['trial_id']}/fold_0", f"default-{best['trial_id']}/fold_1"]
-    best_lr = best["config"]["params"]["optimizer.lr"]
-    for run in runs.values():
-        assert OmegaConf.load(run / "config.yaml").optimizer.lr == pytest.approx(best_lr)
-        assert (run / "finished.json").is_file()
-    summary = json.loads((cv / "summary.json").read_text())
-    assert [s["folds_finished"] for s in summary] == [[0, 1]]
-
-
 def test_a_diverging_trial_fails_alone_and_the_summary_marks_it(tmp_path: Path):
     result = sweep("folds=0", "optimizer.lr=0.01,1e30", "trainer.max_epochs=1", "trainer.iterations_per_epoch=3",
                    *TINY, "max_failures=0", "experiment=diverged", cwd=tmp_path)

@@ -168,7 +168,8 @@ def test_cross_validate_reads_trial_reports_not_the_pickled_experiment_state(fin
     the planted payload, which viseg's own reader never touches."""
     from ray.tune import ExperimentAnalysis
 
-    from viseg.sweep.cross_validate import search_candidates
+    from viseg.sweep.driver import load_state
+    from viseg.sweep.search_report import read_configurations
 
     experiment = fresh_copy(finished_grid, "planted-cv")
     marker = tmp_path / "pwned"
@@ -179,8 +180,8 @@ def test_cross_validate_reads_trial_reports_not_the_pickled_experiment_state(fin
     state["trial_data"][0][0] = json.dumps(trial)
     state_path.write_text(json.dumps(state))
 
-    candidates = search_candidates(experiment, "final/mean_dice", "max")
-    assert [(c.variant, c.completed) for c in candidates] == [("default", True)]
+    candidates = read_configurations(experiment, load_state(experiment), ended=True)
+    assert [(c.variant, c.status) for c in candidates] == [("default", "finished")]
     assert not marker.exists()
 
     ExperimentAnalysis(str(experiment))  # the reader viseg no longer uses

@@ -45,7 +45,7 @@ def test_a_state_file_with_settings_this_viseg_does_not_know_is_named(tmp_path: 
 
 
 @pytest.mark.parametrize(("override", "message"), [("search.mode=maximum", "must be max or min"),
-                                                   ("search.scheduler=hyperband", "not a search scheduler")])
+                                                   ("search.scheduler=bohb", "not a search scheduler")])
 def test_values_a_comment_used_to_list_are_checked(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_request(["folds=0", override], sweeps_dir=NO_SPECS)

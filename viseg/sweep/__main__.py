@@ -48,7 +48,7 @@ else), summary.json/.csv/.png and errors.json.
 
 
 # Settings whose values are paths: quoted before Hydra's override grammar reads them (see quote_values).
-PATH_SETTINGS = ("resume", "summary", "cross_validate", "best", "storage_path")
+PATH_SETTINGS = ("resume", "summary", "cross_validate", "best", "storage_path", "sweep")
 
 
 def _normalise_args(args: list[str]) -> list[str]:

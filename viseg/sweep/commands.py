@@ -12,18 +12,31 @@ from viseg.sweep.best import render, select_best
 from viseg.sweep.cross_validate import plan_cross_validation
 from viseg.sweep.driver import STATE_FILE, SweepPlan, load_state, plan_sweep, prepare_all, render_trials, save_state
 from viseg.sweep.parse import parse_request
+from viseg.sweep.search_report import next_command, write_search_report
 from viseg.sweep.summary import render_table, summarize, write_summary
 from viseg.sweep.tune import build_tuner, init_ray, record_errors, restore_tuner
 
 log = logging.getLogger(__name__)
 
 
-def print_summary(experiment_dir: Path) -> int:
+def print_summary(experiment_dir: Path, ended: bool = False) -> int:
+    """The cross-validation table; for a search also every configuration, the importance of the searched
+    values and best_config.yaml. `ended`: the sweep has just finished (unfinished search trials were stopped)."""
     if not (experiment_dir / STATE_FILE).is_file() and not (experiment_dir / EXPERIMENT_RUNS).is_dir():
         raise ConfigError(f"{experiment_dir} is not a sweep experiment (no {STATE_FILE}, no runs/)",
                           fix="pass the experiment folder printed when the sweep started")
     summaries = summarize(experiment_dir)
     written = write_summary(experiment_dir, summaries)
+    plan = load_state(experiment_dir) if (experiment_dir / STATE_FILE).is_file() else None
+    if plan is not None and plan.search:
+        text, paths = write_search_report(experiment_dir, plan, ended)
+        print(text)
+        written |= paths
+        print(f"\nsummary written to {', '.join(str(p) for p in written.values())}")
+        command = next_command(paths)
+        if command:
+            print(f"next: {command}")
+        return 0
     print(render_table(summaries))
     print(f"\nsummary written to {', '.join(str(p) for p in written.values())}")
     return 0
@@ -32,7 +45,7 @@ def print_summary(experiment_dir: Path) -> int:
 def _finish(plan: SweepPlan, results) -> int:
 
     errors = record_errors(plan, results)
-    code = print_summary(plan.experiment_dir)
+    code = print_summary(plan.experiment_dir, ended=True)
     if any(e["error"].startswith("StorageFullError") for e in errors):
         raise storage_full("the sweep's results", plan.experiment_dir,
                            fix=free_space_then(f"python -m viseg.sweep resume={plan.experiment_dir}"))

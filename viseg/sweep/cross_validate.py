@@ -1,66 +1,26 @@
 """`cross_validate=<search experiment>`: take the best searched configuration(s) to every fold.
 
-Ray's Optuna searcher cannot take a fold grid, so a search trains on `search.folds` only. This step reads
-the finished search's trial reports (JSON files only, no running Ray needed), ranks its trials by
-the search metric, and plans a new grid sweep: one variant per chosen configuration (the searched values
-become fixed overrides), times every fold. The search experiment itself is never modified.
+A search trains every configuration on `search.folds` only. This step reads the finished search's trial
+reports (JSON files only, no running Ray needed), ranks its configurations as the search summary does (final
+fold-mean Dice, then the ones a scheduler stopped early), and plans a new grid sweep: one variant per chosen
+configuration (the searched values become fixed overrides), times every fold.
+The search experiment itself is never modified.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from viseg.errors import ConfigError
 from viseg.sweep.driver import SweepPlan, load_state
+from viseg.sweep.search_report import read_configurations
 from viseg.sweep.spec import SweepConfig, SweepRequest, parse_folds
 from viseg.sweep.trial import with_params
-from viseg.sweep.trial_results import read_trials
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One searched trial: its variant, the values Optuna chose, and its score on the search metric."""
-
-    trial_id: str
-    variant: str
-    params: dict[str, Any]
-    score: float
-    completed: bool  # trained every epoch (ASHA may have stopped the others early)
-
-    @property
-    def name(self) -> str:
-        return f"{self.variant}-{self.trial_id}"
-
-    def overrides(self) -> list[str]:
-        return [f"{key}={value}" for key, value in sorted(self.params.items())]
-
-
-
-def search_candidates(experiment_dir: Path, metric: str, mode: str) -> list[Candidate]:
-    """Every trial that reported the metric, best first; completed trials rank before early-stopped ones.
-    Read from the trials' result.json as JSON, never from Ray's pickled experiment state."""
-
-    trials = read_trials(experiment_dir)
-    if not trials:
-        raise ConfigError(f"{experiment_dir} holds no trial that reported a result (no */result.json)",
-                          fix="pass the folder of a search experiment printed when it started")
-    candidates = []
-    for trial in trials:
-        result, config = trial.last, trial.config
-        score = result.get(metric)
-        if not isinstance(score, (int, float)) or math.isnan(score) or "variant" not in config:
-            continue
-        candidates.append(Candidate(trial_id=trial.trial_id, variant=config["variant"],
-                                    params=dict(config.get("params") or {}), score=float(score),
-                                    completed=trial.finished))
-    sign = -1.0 if mode == "max" else 1.0
-    return sorted(candidates, key=lambda c: (not c.completed, sign * c.score))
 
 
 def _with_params(variant_yaml: str, params: dict[str, Any]) -> str:
@@ -90,17 +50,19 @@ def plan_cross_validation(request: SweepRequest, cli_keys: set[str]) -> SweepPla
     top_k = settings.top_k
     if top_k < 1:
         raise ConfigError(f"top_k={top_k} must be at least 1", fix="use top_k=1 for the single best configuration")
-    metric = search.settings.search.metric
-    ranked = search_candidates(search_dir, metric, search.settings.search.mode)
+    ranked = [c for c in read_configurations(search_dir, search, ended=True) if c.status != "failed"
+              and (c.mean if c.status == "finished" else c.score) is not None]
     if not ranked:
-        raise ConfigError(f"no trial of {search_dir} reported {metric} yet",
+        raise ConfigError(f"no configuration of {search_dir} has a score yet",
                           fix=f"let the search finish (resume={search_dir}) before cross-validating it")
     chosen = ranked[:top_k]
     for rank, candidate in enumerate(chosen, start=1):
-        log.info("rank %d: %s %s (%s = %.4f%s)", rank, candidate.variant, candidate.params,
-                 metric, candidate.score, "" if candidate.completed else ", stopped early")
+        score = candidate.mean if candidate.status == "finished" else candidate.score
+        log.info("rank %d: %s %s (score %.4f, %s)", rank, candidate.variant, candidate.params, score,
+                 candidate.status)
     variants = {c.name: _with_params(search.variants[c.variant], c.params) for c in chosen}
-    overrides = {c.name: [*search.overrides[c.variant], *c.overrides()] for c in chosen}
+    overrides = {c.name: [*search.overrides[c.variant], *(f"{k}={v}" for k, v in sorted(c.params.items()))]
+                 for c in chosen}
     n_folds = _n_folds(next(iter(variants.values())))
     folds = parse_folds(settings.folds, n_folds)
     experiment = given.get("experiment") or f"{search.experiment}-cv-top{top_k}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ class SweepPlan:
     folds: list[int]
     search: list[SearchAxis]
     settings: SweepConfig  # the sweep's own typed settings, saved and loaded through OmegaConf
+    fixed: list[str] = field(default_factory=list)  # overrides every variant shares (best_config.yaml repeats them)
 
     @property
     def experiment_dir(self) -> Path:
@@ -95,7 +96,7 @@ def plan_sweep(request: SweepRequest) -> SweepPlan:
     return SweepPlan(experiment=settings.experiment or _experiment_name(request, dataset, folds),
                      storage_path=str(Path(settings.storage_path).expanduser().resolve()),  # URIs refused in spec
                      variants=variants, overrides=overrides, folds=folds, search=request.search,
-                     settings=settings)
+                     settings=settings, fixed=list(request.fixed))
 
 
 def prepare_all(plan: SweepPlan) -> None:
@@ -151,12 +152,24 @@ def _typed_settings(saved: dict[str, Any], path: Path) -> SweepConfig:
 
 
 def render_trials(plan: SweepPlan) -> str:
+    if plan.search:
+        return _render_search(plan)
     lines = [f"experiment  {plan.experiment_dir}", f"trials      {len(plan.trials())} "
              f"({len(plan.variants)} variant(s) x folds {plan.folds})", ""]
     width = max(len(v) for v in plan.variants) + 2
     lines += [f"  {v:{width}} fold {f}   {' '.join(plan.overrides[v]) or '(no overrides)'}"
               for v, f in plan.trials()]
+    return "\n".join(lines)
+
+
+def _render_search(plan: SweepPlan) -> str:
+    search = plan.settings.search
+    lines = [f"experiment  {plan.experiment_dir}",
+             f"search      {plan.settings.num_samples} configuration(s), each one trial training folds {plan.folds} "
+             f"at once (scored by their mean), scheduler {search.scheduler or 'none'}", ""]
+    for variant, overrides in plan.overrides.items():
+        lines.append(f"  variant {variant}   {' '.join(overrides) or '(no overrides)'}")
     for axis in plan.search:
         bounds = f"[{axis.low}, {axis.high}]" if axis.kind != "choice" else str(list(axis.choices))
-        lines.append(f"  searched: {axis.key} ~ {axis.kind} {bounds}, {plan.settings.num_samples} samples")
+        lines.append(f"  searched: {axis.key} ~ {axis.kind} {bounds}")
     return "\n".join(lines)

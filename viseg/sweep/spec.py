@@ -28,8 +28,13 @@ UNSEARCHABLE_PREFIXES = ("patch_size", "spacing", "batch_size", "transpose_", "f
 # What a searched axis draws from. The schemas below are OmegaConf structured configs, which refuse Literal
 # annotations (omegaconf 2.3: "Unexpected type annotation"), so they check their allowed values in __post_init__.
 SearchKind = Literal["loguniform", "uniform", "choice"]
-SEARCH_SCHEDULERS = ("asha",)
+SEARCH_SCHEDULERS = ("asha", "hyperband", "median", "pbt")
 SEARCH_MODES = ("max", "min")
+# What PBT may perturb: values a run continues with from its checkpoint (the optimizer's are adopted on resume,
+# the loss and the augmentation are rebuilt from the config). Never the LR schedule, whose state the checkpoint
+# carries, the epoch budget, nor anything that changes the plan or the network (refused for every search).
+PBT_FIXED_PREFIXES = ("lr_scheduler.", "optimizer.type", "trainer.max_epochs", "trainer.iterations_per_epoch",
+                      "seed", "sampling.", "loader.")
 
 
 @dataclass
@@ -40,16 +45,36 @@ class ResourcesConfig:
 
 @dataclass
 class SearchConfig:
-    folds: list[int] = field(default_factory=lambda: [0])  # Optuna cannot take a fold grid: search on these
-    scheduler: str | None = None  # one of SEARCH_SCHEDULERS: "asha" stops weak trials early, epochs as the budget
-    metric: str = "val/ema_pseudo_dice"
+    """A search: every trial is one sampled configuration trained on all of `folds` at once (one Ray task per
+    fold inside the trial's resources), scored by the mean over those folds. The searcher never sees a fold."""
+
+    folds: Any = field(default_factory=lambda: [0, 1, 2])  # [0] is 3x cheaper, but fits every choice to one fold
+    scheduler: str | None = None  # one of SEARCH_SCHEDULERS; None trains every configuration to the end
+    metric: str = "val/ema_pseudo_dice"  # the fold mean of this per-epoch metric drives schedulers
     mode: str = "max"  # one of SEARCH_MODES
     seed: int = 0
+    time_budget_s: float | None = None  # end the search after this many seconds (running trials keep their state)
+    # the schedulers' own settings, in epochs
+    grace_period: int = 1  # asha, hyperband, median: epochs every configuration trains before it can be stopped
+    reduction_factor: float = 3.0  # asha, hyperband: keep 1/reduction_factor of the configurations at each rung
+    perturbation_interval: int = 2  # pbt: epochs between exploit (copy a better trial) and explore (perturb)
+    quantile_fraction: float = 0.25  # pbt: the bottom fraction copies the top fraction
+    resample_probability: float = 0.25  # pbt: explore draws a fresh value instead of scaling by 0.8 or 1.2
 
     def __post_init__(self) -> None:
         if self.scheduler is not None and self.scheduler not in SEARCH_SCHEDULERS:
             raise ConfigError(f"search.scheduler={self.scheduler!r} is not a search scheduler",
                               fix=f"use one of {list(SEARCH_SCHEDULERS)}, or leave it out to run every trial")
+        for key in ("grace_period", "perturbation_interval"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"search.{key}={getattr(self, key)} must be at least 1 epoch")
+        if not self.reduction_factor > 1:
+            raise ConfigError(f"search.reduction_factor={self.reduction_factor} must be above 1",
+                              fix="search.reduction_factor=3 keeps a third of the configurations at each rung")
+        if not 0 < self.quantile_fraction <= 0.5:
+            raise ConfigError(f"search.quantile_fraction={self.quantile_fraction} must be in (0, 0.5]")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ConfigError(f"search.time_budget_s={self.time_budget_s} must be positive (seconds)")
         if self.mode not in SEARCH_MODES:
             raise ConfigError(f"search.mode={self.mode!r} must be max or min",
                               fix="search.mode=max for a Dice, search.mode=min for a loss")
@@ -192,9 +217,12 @@ def parse_folds(value: Any, n_folds: int) -> list[int]:
 
 
 def load_spec(name: str, sweeps_dir: Path) -> dict[str, Any]:
+    """`sweep=<name>` (sweeps/<name>.yaml) or `sweep=<path to a .yaml file>`, e.g. a search's best_config.yaml."""
     from omegaconf import OmegaConf
 
-    path = sweeps_dir / f"{name}.yaml"
+    path = Path(name).expanduser() if str(name).endswith((".yaml", ".yml")) else sweeps_dir / f"{name}.yaml"
+    if not path.is_file() and path.parent != sweeps_dir:
+        raise ConfigError(f"sweep spec {path} does not exist", fix="pass the path of a sweep spec .yaml file")
     if not path.is_file():
         known = sorted(p.stem for p in sweeps_dir.glob("*.yaml"))
         raise ConfigError(f"sweep spec {path} does not exist", fix=f"use one of {known}")

@@ -12,68 +12,68 @@ from viseg.io.jsonio import write_json_atomic
 from viseg.io.layout import EXPERIMENT_RUNS
 from viseg.sweep.driver import SweepPlan
 from viseg.sweep.ray_state import ASIDE, UNTRUSTED, SweepTrials, set_aside_damaged_state, set_aside_untrusted_state
-from viseg.sweep.spec import SearchAxis
+from viseg.sweep.schedulers import search_algorithm, search_scheduler, searched_space
+from viseg.sweep.search_trial import SCORE, run_search_trial
 from viseg.sweep.state_seal import StateSealer, key_path
 from viseg.sweep.trial import run_trial
 
 log = logging.getLogger(__name__)
 
 
-def _distribution(axis: SearchAxis) -> Any:
-    from ray import tune
-
-    if axis.kind == "loguniform":
-        return tune.loguniform(axis.low, axis.high)
-    if axis.kind == "uniform":
-        return tune.uniform(axis.low, axis.high)
-    return tune.choice(list(axis.choices))
-
-
 def param_space(plan: SweepPlan) -> dict[str, Any]:
-    """Grid sweeps: variants x folds as grid axes. Searches: Optuna cannot take grid axes, so variants
-    become a categorical choice and the folds are fixed to the search folds."""
+    """Grid sweeps: variants x folds as grid axes, one trial each. Searches: one trial per configuration."""
     from ray import tune
 
-    names = list(plan.variants)
     if not plan.search:
-        return {"variant": tune.grid_search(names), "fold": tune.grid_search(plan.folds)}
-    return {"variant": tune.choice(names) if len(names) > 1 else names[0],
-            "fold": tune.choice(plan.folds) if len(plan.folds) > 1 else plan.folds[0],
-            "params": {axis.key: _distribution(axis) for axis in plan.search}}
+        return {"variant": tune.grid_search(list(plan.variants)), "fold": tune.grid_search(plan.folds)}
+    return searched_space(plan)
+
+
+def fold_resources(plan: SweepPlan) -> dict[str, float]:
+    resources = plan.settings.resources
+    return {"CPU": float(resources.cpu), "GPU": float(resources.gpu)}
 
 
 def trainable(plan: SweepPlan) -> Any:
+    """A grid trial trains one fold in the trial's own worker. A search trial reserves one bundle per search
+    fold (resources.* each) behind an empty head bundle: its own process only waits and reports, while each
+    fold trains in its bundle, so resources.gpu=1 with two folds reserves two GPUs for the configuration."""
     from ray import tune
 
-    resources = plan.settings.resources
-    with_data = tune.with_parameters(run_trial, variants=plan.variants,
-                                     runs_dir=str(plan.experiment_dir / EXPERIMENT_RUNS))
-    return tune.with_resources(with_data, {"cpu": resources.cpu, "gpu": resources.gpu})
+    runs_dir = str(plan.experiment_dir / EXPERIMENT_RUNS)
+    if not plan.search:
+        resources = plan.settings.resources
+        with_data = tune.with_parameters(run_trial, variants=plan.variants, runs_dir=runs_dir)
+        return tune.with_resources(with_data, {"cpu": resources.cpu, "gpu": resources.gpu})
+    search = plan.settings.search
+    with_data = tune.with_parameters(run_search_trial, variants=plan.variants, runs_dir=runs_dir,
+                                     folds=list(plan.folds), metric=search.metric, mode=search.mode,
+                                     fold_retries=plan.settings.max_failures, fold_resources=fold_resources(plan))
+    bundles = [{}, *([fold_resources(plan)] * len(plan.folds))]
+    return tune.with_resources(with_data, tune.PlacementGroupFactory(bundles, strategy="PACK"))
 
 
 def trial_name(trial: Any) -> str:
-    """`<variant>_fold<k>_<trial id>`: readable in Tune's table and folder listing, unique by the id."""
-    return f"{trial.config.get('variant')}_fold{trial.config.get('fold')}_{trial.trial_id}"
+    """`<variant>_fold<k>_<trial id>` (grid) or `<variant>_<trial id>` (search: one trial covers its folds):
+    readable in Tune's table and folder listing, unique by the id."""
+    fold = trial.config.get("fold")
+    return f"{trial.config.get('variant')}{'' if fold is None else f'_fold{fold}'}_{trial.trial_id}"
 
 
 def _tune_config(plan: SweepPlan) -> Any:
     from ray import tune
 
-    settings, search = plan.settings, plan.settings.search
-    # reuse_actors: a trial's worker keeps torch and Lightning imported for the next trial (seconds each)
-    common = {"max_concurrent_trials": settings.max_concurrent_trials, "reuse_actors": True,
+    settings = plan.settings
+    # reuse_actors: a grid trial's worker keeps torch and Lightning imported for the next trial (seconds each).
+    # A search trial's folds train in tasks of their own, and a stopped or exploited trial must take them down
+    # with its process, so search trials never reuse one.
+    common = {"max_concurrent_trials": settings.max_concurrent_trials, "reuse_actors": not plan.search,
               "trial_name_creator": trial_name, "trial_dirname_creator": trial_name}
     if not plan.search:
         return tune.TuneConfig(**common)
-    from ray.tune.search.optuna import OptunaSearch
-
-    scheduler = None
-    if search.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=1)
-    return tune.TuneConfig(metric=search.metric, mode=search.mode, num_samples=settings.num_samples,
-                           search_alg=OptunaSearch(seed=search.seed), scheduler=scheduler, **common)
+    return tune.TuneConfig(metric=SCORE, mode=settings.search.mode, num_samples=settings.num_samples,
+                           search_alg=search_algorithm(plan), scheduler=search_scheduler(plan),
+                           time_budget_s=settings.search.time_budget_s, **common)
 
 
 def build_tuner(plan: SweepPlan) -> Any:
@@ -161,10 +161,16 @@ def record_errors(plan: SweepPlan, results: Any) -> list[dict[str, Any]]:
     """Failed trials, kept beside the summary so it can mark them."""
     errors = []
     for result in results:
-        if result.error is not None:
-            config = result.config or {}
-            errors.append({"variant": config.get("variant"), "fold": config.get("fold"),
-                           "error": error_message(result.error)})
+        if result.error is None:
+            continue
+        config, message = result.config or {}, error_message(result.error)
+        if not plan.search:
+            errors.append({"variant": config.get("variant"), "fold": config.get("fold"), "error": message})
+            continue
+        # a search trial is one configuration over all search folds, its runs named <variant>-<trial id>
+        trial_id = Path(str(result.path)).name.rsplit("_", 1)[-1]
+        errors += [{"variant": f"{config.get('variant')}-{trial_id}", "fold": fold, "error": message}
+                   for fold in plan.folds]
     write_json_atomic(Path(plan.experiment_dir) / "errors.json", errors)
     return errors
 

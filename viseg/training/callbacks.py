@@ -130,8 +130,11 @@ class TrainingLog(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         start = "continuing at" if trainer.current_epoch else "training from"
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
+        adopted = next((c.changes for c in trainer.callbacks if isinstance(c, AdoptOptimizerSettings)), [])
         self._write(f"{start} epoch {trainer.current_epoch} of {trainer.max_epochs} on {pl_module.device} "
-                    f"({trainer.precision} precision)")
+                    f"({trainer.precision} precision), lr {lr:.4g}"
+                    + (f"; changed from the checkpoint: {', '.join(adopted)}" if adopted else ""))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.history.rows:
@@ -200,6 +203,55 @@ class ReportHook(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.report(dict(self.history.rows[-1]), self.checkpoint_dir)
+
+
+class AdoptOptimizerSettings(L.Callback):
+    """A resumed run trains on with the config's optimizer values, not the checkpoint's: what Population Based
+    Training's explore step relies on (it restarts a trial from a better trial's checkpoint with a perturbed
+    learning rate). Lightning restores the optimizer and LR-scheduler state before `on_train_start`, so this runs
+    then, before TrainingLog writes the start line that shows the learning rate. The schedule is rescaled, not
+    restarted: lr, initial_lr and the scheduler's base_lrs are all multiplied by new / old base learning rate, so
+    poly or step decay goes on from the epoch reached. A fresh run, or one resumed unchanged, is left as it is."""
+
+    def __init__(self, lr: float, weight_decay: float, momentum: float | None):
+        self.lr, self.weight_decay, self.momentum = lr, weight_decay, momentum
+        self.changes: list[str] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 0 or not trainer.optimizers:
+            return
+        optimizer = trainer.optimizers[0]
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        base = getattr(schedulers[0], "base_lrs", None) if schedulers else None
+        old_lr = base[0] if base else optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
+        factor = self.lr / old_lr if old_lr else 1.0
+        if not math.isclose(factor, 1.0, rel_tol=1e-9):
+            for group in optimizer.param_groups:
+                group["lr"] *= factor
+                if "initial_lr" in group:
+                    group["initial_lr"] *= factor
+            for scheduler in schedulers:
+                if hasattr(scheduler, "base_lrs"):
+                    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+                if hasattr(scheduler, "_last_lr"):
+                    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+            self.changes.append(f"optimizer.lr {old_lr:.4g} -> {self.lr:.4g}")
+        for key, value in (("weight_decay", self.weight_decay), ("momentum", self.momentum)):
+            old = optimizer.param_groups[0].get(key)
+            if value is None or old is None or math.isclose(old, value, rel_tol=1e-9):
+                continue
+            for group in optimizer.param_groups:
+                group[key] = value
+            self.changes.append(f"optimizer.{key} {old:.4g} -> {value:.4g}")
+
+
+def history_rows(checkpoint: Path) -> list[dict[str, float]]:
+    """The per-epoch rows a checkpoint's MetricsHistory holds (the epochs it has trained), read as plain data."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for key, value in (state.get("callbacks") or {}).items():
+        if str(key).startswith(MetricsHistory.__qualname__) and isinstance(value, dict):
+            return list(value.get("rows", []))
+    return []
 
 
 class EpochSeeder(L.Callback):

@@ -141,7 +141,14 @@ def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progr
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from viseg.training.callbacks import EpochSeeder, MetricsHistory, ReportHook, RunCheckpoints, TrainingLog
+    from viseg.training.callbacks import (
+        AdoptOptimizerSettings,
+        EpochSeeder,
+        MetricsHistory,
+        ReportHook,
+        RunCheckpoints,
+        TrainingLog,
+    )
 
     accelerator, devices = accelerator_and_devices(cfg.devices)
     precision = cfg.trainer.precision
@@ -153,7 +160,10 @@ def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progr
     plans = Plans.load(run_dir / "plans.json").to_dict()
     # `python -m viseg.train` off a terminal prints the log's lines; a sweep trial (report given) does not
     echo = report is None and not sys.stdout.isatty()
-    callbacks = [history, TrainingLog(run_dir, history, echo), RunCheckpoints(checkpoint_dir, config_yaml(cfg), plans),
+    momentum = cfg.optimizer.momentum if cfg.optimizer.type == "SGD" else None
+    # AdoptOptimizerSettings before TrainingLog: the start line then shows the learning rate trained with
+    callbacks = [AdoptOptimizerSettings(cfg.optimizer.lr, cfg.optimizer.weight_decay, momentum), history,
+                 TrainingLog(run_dir, history, echo), RunCheckpoints(checkpoint_dir, config_yaml(cfg), plans),
                  EpochSeeder()]
     if report is not None:
         callbacks.append(ReportHook(report, history, checkpoint_dir))
