@@ -88,7 +88,7 @@ def test_optuna_search_trains_every_fold_per_configuration_and_its_winner_is_reu
 
 def test_asha_stops_a_hopeless_learning_rate_before_its_last_epoch(tmp_path: Path):
     # the demo's small network learns the organ within an epoch at 3e-3; at 1e-7 it cannot
-    result = sweep("optimizer.lr='tag(search, choice(0.003, 1e-7))'", "num_samples=4", "search.folds=[0]",
+    result = sweep("optimizer.lr=tag(search, choice(0.003, 1e-7))", "num_samples=4", "search.folds=[0]",
                    "search.scheduler=asha", "search.grace_period=1", "search.reduction_factor=2",
                    "trainer.max_epochs=4", "trainer.iterations_per_epoch=6", *TINY, "experiment=asha", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -110,11 +110,13 @@ def train_fold(job: FoldJob) -> Iterator[dict[str, Any]]:
     run_dir = run_dir_for(cfg, prepared)
     shutil.rmtree(run_dir / REPORTED_DIR, ignore_errors=True)  # left by an earlier attempt: never reported
     if job.resume is None and (run_dir / FINISHED_MARKER).is_file():
-        yield from _replayed(run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT, job.report_from, job.fold)
+        for item in _replayed(run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT, job.report_from, job.fold):
+            yield item  # not `yield from`: Ray sends into the generator, which a list iterator cannot take
         yield {"fold": job.fold, "final": _final(run_dir)}
         return
     resume = _resume_point(job, run_dir)
-    yield from _replayed(resume, job.report_from, job.fold)
+    for item in _replayed(resume, job.report_from, job.fold):
+        yield item
 
     reports: queue.Queue[tuple[str, Any]] = queue.Queue()
 

@@ -46,6 +46,7 @@ class SweepTrials:
     variants: list[str]
     folds: list[int]
     search: bool
+    random_search: bool = False  # a search without a searcher (PBT's population): Ray's basic generator
 
 
 def _load(path: Path, kind: str) -> Any:
@@ -63,6 +64,10 @@ def _trial_problem(entry: Any, trials: SweepTrials) -> str | None:
     except (TypeError, IndexError, KeyError, ValueError):
         return "a trial entry that does not load"
     config = state.get("config") if isinstance(state, dict) else None
+    if trials.search:  # a search trial is a configuration: a variant, its folds are the search's
+        if not isinstance(config, dict) or config.get("variant") not in trials.variants:
+            return f"a trial entry without this search's variants (config {config!r})"
+        return None
     if not isinstance(config, dict) or config.get("variant") not in trials.variants \
             or config.get("fold") not in trials.folds:
         return f"a trial entry without this sweep's variant and fold (config {config!r})"
@@ -112,7 +117,8 @@ def set_aside_damaged_state(experiment: Path, trials: SweepTrials) -> str | None
 def _required(trials: SweepTrials) -> list[str]:
     """Without its generator's state Ray would not know which trials are still to come (a grid's later
     trials, a search's sampler), so a restore without it would silently drop them."""
-    generator = "search_gen_state-*.json" if trials.search else "basic-variant-state-*.json"
+    searched = trials.search and not trials.random_search
+    generator = "search_gen_state-*.json" if searched else "basic-variant-state-*.json"
     return ["tuner.pkl", "experiment_state-*.json", generator]
 
 

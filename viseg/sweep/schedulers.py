@@ -34,11 +34,13 @@ def searched_space(plan: SweepPlan) -> dict[str, Any]:
             "params": {axis.key: _distribution(axis) for axis in plan.search}}
 
 
-def max_epochs(plan: SweepPlan) -> int:
-    """The longest budget of any variant: where ASHA's and HyperBand's last rung is."""
+def budget(plan: SweepPlan) -> int:
+    """ASHA's and HyperBand's max_t: one past the longest epoch budget of any variant. They stop a trial that
+    reaches max_t, and a configuration reports its full-resolution validation Dice after its last epoch, at the
+    same budget: max_t at the last epoch would stop every configuration before its final score."""
     from omegaconf import OmegaConf
 
-    return max(int(OmegaConf.create(yaml).trainer.max_epochs) for yaml in plan.variants.values())
+    return 1 + max(int(OmegaConf.create(yaml).trainer.max_epochs) for yaml in plan.variants.values())
 
 
 def pbt_mutations(plan: SweepPlan) -> dict[str, Any]:
@@ -65,10 +67,10 @@ def search_scheduler(plan: SweepPlan) -> Any:
     from ray.tune import schedulers
 
     if search.scheduler == "asha":
-        return schedulers.ASHAScheduler(time_attr=EPOCHS, max_t=max_epochs(plan), grace_period=search.grace_period,
+        return schedulers.ASHAScheduler(time_attr=EPOCHS, max_t=budget(plan), grace_period=search.grace_period,
                                         reduction_factor=search.reduction_factor)
     if search.scheduler == "hyperband":
-        return schedulers.HyperBandScheduler(time_attr=EPOCHS, max_t=max_epochs(plan),
+        return schedulers.HyperBandScheduler(time_attr=EPOCHS, max_t=budget(plan),
                                              reduction_factor=search.reduction_factor)
     if search.scheduler == "median":
         return schedulers.MedianStoppingRule(time_attr=EPOCHS, grace_period=search.grace_period,

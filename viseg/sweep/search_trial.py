@@ -42,6 +42,8 @@ class Start:
     epochs: int = 0
     resume: dict[int, str | None] = field(default_factory=dict)
     exploited: str | None = None  # the trial whose checkpoint this one continues (PBT)
+    metrics: dict[str, Any] = field(default_factory=dict)  # what the checkpoint's writer reported with it
+    folder: Path | None = None  # the checkpoint Ray restored
 
 
 def search_variant(config: dict[str, Any], variants: dict[str, str], experiment: Path) -> str:
@@ -56,7 +58,8 @@ def search_variant(config: dict[str, Any], variants: dict[str, str], experiment:
 
 def _start(trial_id: str, folds: list[int]) -> Start:
     """From the checkpoint Ray restored into this trial: its own (a resume: each fold goes on from its run
-    folder, newer than or equal to the checkpoint) or another trial's (an exploit: every fold starts from it)."""
+    folder, newer than or equal to the checkpoint, except right after an exploit) or another trial's (an
+    exploit: every fold starts from it)."""
     import ray.tune
 
     checkpoint = ray.tune.get_checkpoint()
@@ -65,22 +68,49 @@ def _start(trial_id: str, folds: list[int]) -> Start:
     folder = Path(checkpoint.path)  # storage_path is a filesystem path every node mounts (spec refuses URIs)
     state = read_json(folder / TRIAL_STATE)
     epochs = int(state["epochs"])
-    if state.get("trial_id") == trial_id:
+    if state.get("trial_id") == trial_id and not state.get("adopted"):
         return Start(epochs=epochs, resume={fold: None for fold in folds})
+    if state.get("trial_id") == trial_id:  # stopped right after adopting a donor's: its folds may not have it yet
+        return Start(epochs=epochs, resume={fold: str(folder / f"fold_{fold}") for fold in folds})
     missing = [fold for fold in folds if not (folder / f"fold_{fold}" / "last.ckpt").is_file()]
     if missing:
         raise ConfigError(f"the checkpoint {folder} handed to trial {trial_id} lacks folds {missing}",
                           fix="every trial of a search trains the same folds; start the search again")
     return Start(epochs=epochs, resume={fold: str(folder / f"fold_{fold}") for fold in folds},
-                 exploited=str(state.get("trial_id")))
+                 exploited=str(state.get("trial_id")), metrics=dict(state.get("metrics") or {}), folder=folder)
 
 
-def _checkpoint_folder(trial_id: str, epochs: int, staged: dict[int, str]) -> str:
-    """One folder for Ray to persist: TRIAL_STATE and fold_<k>/ with that fold's staged files (hard links)."""
+EXPLOITS_DIR = "pbt_exploits"  # <experiment>/pbt_exploits/<trial>_epoch<e>/: a donor's checkpoint, held for the folds
+
+
+def _adopt(start: Start, trial_id: str, folds: list[int], experiment: Path) -> tuple[Start, Path]:
+    """After PBT's exploit, make the donor's checkpoint this trial's own at once. Ray keeps only the last few
+    checkpoints of the donor, which goes on training: were this trial stopped before its next report, its
+    restore would point at a checkpoint deleted since. So the donor's files are linked into a folder of the
+    experiment that the folds resume from, and reported straight away as this trial's own checkpoint, with the
+    metrics the donor reached there (the exploit shows as one report at the donor's epoch)."""
+    import ray.tune
+
+    assert start.folder is not None
+    stage = experiment / EXPLOITS_DIR / f"{trial_id}_epoch{start.epochs}"
+    shutil.rmtree(stage, ignore_errors=True)
+    folder = _checkpoint_folder(trial_id, start.epochs, {f: str(start.folder / f"fold_{f}") for f in folds},
+                                start.metrics, stage=stage, adopted=True)
+    metrics = {**start.metrics, "exploited_from": start.exploited, EPOCHS: start.epochs}
+    ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+    return replace(start, resume={f: str(stage / f"fold_{f}") for f in folds}), stage
+
+
+def _checkpoint_folder(trial_id: str, epochs: int, staged: dict[int, str], metrics: dict[str, Any],
+                       stage: Path | None = None, adopted: bool = False) -> str:
+    """One folder for Ray to persist: TRIAL_STATE (the writer, its epochs and the metrics it reported with it)
+    and fold_<k>/ with that fold's staged files (hard links)."""
     import os
 
-    stage = Path(tempfile.mkdtemp(prefix="viseg-search-ckpt-"))
-    (stage / TRIAL_STATE).write_text(json.dumps({"trial_id": trial_id, "epochs": epochs}))
+    stage = stage or Path(tempfile.mkdtemp(prefix="viseg-search-ckpt-"))
+    stage.mkdir(parents=True, exist_ok=True)
+    state = {"trial_id": trial_id, "epochs": epochs, "metrics": metrics, "adopted": adopted}
+    (stage / TRIAL_STATE).write_text(json.dumps(state))
     for fold, source in staged.items():
         target = stage / f"fold_{fold}"
         target.mkdir()
@@ -156,8 +186,10 @@ class FoldStreams:
 
 
 def run_search_trial(config: dict[str, Any], variants: dict[str, str], runs_dir: str, folds: list[int],
-                     metric: str, mode: str, fold_retries: int, fold_resources: dict[str, float]) -> None:
-    """The Tune trainable of a search (see the module docstring)."""
+                     metric: str, mode: str, fold_retries: int, fold_resources: dict[str, float],
+                     checkpoint_every: int = 1) -> None:
+    """The Tune trainable of a search (see the module docstring). `checkpoint_every`: epochs between the
+    checkpoints reported to Ray (PBT's perturbation interval: it only ever exploits at those)."""
     import ray.tune
 
     experiment = Path(runs_dir).parent
@@ -165,23 +197,26 @@ def run_search_trial(config: dict[str, Any], variants: dict[str, str], runs_dir:
     params = dict(config.get("params") or {})
     trial_id = ray.tune.get_context().get_trial_id()
     name = f"{variant}-{trial_id}"
-    start = _start(trial_id, folds)
+    start, held = _start(trial_id, folds), None
     if start.exploited:
         log.info("trial %s continues from trial %s's checkpoint at epoch %d with %s", trial_id, start.exploited,
                  start.epochs, params)
+        start, held = _adopt(start, trial_id, folds, experiment)
     jobs = {fold: FoldJob(variant_yaml=variants[variant], params=params, fold=fold, name=name, runs_dir=runs_dir,
                           report_from=start.epochs, resume=start.resume[fold]) for fold in folds}
     streams = FoldStreams(dict(jobs), fold_retries, fold_resources)
     try:
         for fold, job in jobs.items():
             streams.start(fold, job)
-        _follow(streams, folds, start, trial_id, metric, mode)
+        _follow(streams, folds, start, trial_id, metric, mode, held, checkpoint_every)
     finally:
         streams.cancel()
 
 
-def _follow(streams: FoldStreams, folds: list[int], start: Start, trial_id: str, metric: str, mode: str) -> None:
-    """Report every epoch once all folds have it, then the final scores once all folds have finished."""
+def _follow(streams: FoldStreams, folds: list[int], start: Start, trial_id: str, metric: str, mode: str,
+            held: Path | None, checkpoint_every: int) -> None:
+    """Report every epoch once all folds have it, then the final scores once all folds have finished. `held`:
+    an exploited checkpoint the folds started from, removed once each of them has reported an epoch."""
 
     pending: dict[int, dict[int, dict[str, Any]]] = {fold: {} for fold in folds}
     finals: dict[int, dict[str, Any]] = {}
@@ -197,26 +232,26 @@ def _follow(streams: FoldStreams, folds: list[int], start: Start, trial_id: str,
         ready = [pending[fold].pop(epoch) for fold in folds if epoch in pending[fold]]
         if not ready:
             break  # every fold has finished: no epoch is left to report
-        last_score = _report_epoch(ready, epoch, trial_id, metric,
-                                   exploited=start.exploited if epoch == start.epochs else None)
+        last_score = _report_epoch(ready, epoch, trial_id, metric, with_checkpoint=(epoch + 1) % checkpoint_every == 0)
+        if held is not None and len(ready) == len(folds):
+            shutil.rmtree(held, ignore_errors=True)
+            held = None
         epoch += 1
     _report_final(finals, folds, epoch, mode, last_score)
 
 
 def _report_epoch(items: list[dict[str, Any]], epoch: int, trial_id: str, metric: str,
-                  exploited: str | None) -> float | None:
+                  with_checkpoint: bool) -> float | None:
     import ray.tune
 
     rows = [item["metrics"] for item in items]
     metrics: dict[str, Any] = fold_mean(rows)
     metrics |= {f"fold_{item['fold']}/{metric}": item["metrics"].get(metric) for item in items}
     metrics |= {"epoch": epoch, EPOCHS: epoch + 1, "folds_reported": len(items), SCORE: metrics.get(metric)}
-    if exploited:
-        metrics["exploited_from"] = exploited
     staged = {item["fold"]: item["checkpoint"] for item in items}
     checkpoint = None
-    if all(staged.values()) and len(staged) == len(items):
-        folder = _checkpoint_folder(trial_id, epoch + 1, staged)  # type: ignore[arg-type]
+    if with_checkpoint and all(staged.values()):
+        folder = _checkpoint_folder(trial_id, epoch + 1, staged, metrics)  # type: ignore[arg-type]
         checkpoint = ray.tune.Checkpoint.from_directory(folder)
     try:
         ray.tune.report(metrics, checkpoint=checkpoint)

@@ -29,6 +29,10 @@ def param_space(plan: SweepPlan) -> dict[str, Any]:
     return searched_space(plan)
 
 
+def is_pbt(plan: SweepPlan) -> bool:
+    return bool(plan.search) and plan.settings.search.scheduler == "pbt"
+
+
 def fold_resources(plan: SweepPlan) -> dict[str, float]:
     resources = plan.settings.resources
     return {"CPU": float(resources.cpu), "GPU": float(resources.gpu)}
@@ -48,7 +52,8 @@ def trainable(plan: SweepPlan) -> Any:
     search = plan.settings.search
     with_data = tune.with_parameters(run_search_trial, variants=plan.variants, runs_dir=runs_dir,
                                      folds=list(plan.folds), metric=search.metric, mode=search.mode,
-                                     fold_retries=plan.settings.max_failures, fold_resources=fold_resources(plan))
+                                     fold_retries=plan.settings.max_failures, fold_resources=fold_resources(plan),
+                                     checkpoint_every=search.perturbation_interval if is_pbt(plan) else 1)
     bundles = [{}, *([fold_resources(plan)] * len(plan.folds))]
     return tune.with_resources(with_data, tune.PlacementGroupFactory(bundles, strategy="PACK"))
 
@@ -84,7 +89,11 @@ def build_tuner(plan: SweepPlan) -> Any:
     run_config = tune.RunConfig(
         name=plan.experiment, storage_path=plan.storage_path,
         failure_config=tune.FailureConfig(max_failures=plan.settings.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=plan.settings.checkpoints_to_keep),
+        # PBT may hand any trial's checkpoint of a perturbation point to another trial later (also after a
+        # driver restart): Ray would delete it if it kept only the last few, so under PBT it keeps them all
+        # (one per perturbation interval, see trainable)
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=None if is_pbt(plan) else plan.settings.checkpoints_to_keep),
         verbose=1, callbacks=[SealStateCallback()])
     tuner = tune.Tuner(trainable(plan), param_space=param_space(plan), tune_config=_tune_config(plan),
                        run_config=run_config)
@@ -130,7 +139,8 @@ def restore_tuner(plan: SweepPlan) -> Any:
                     "aside in %s/); the trials continue from their run folders (finished ones are kept, the "
                     "others resume from their last checkpoint)", experiment, ", ".join(untrusted), UNTRUSTED)
         return build_tuner(plan)
-    trials = SweepTrials(variants=list(plan.variants), folds=list(plan.folds), search=bool(plan.search))
+    trials = SweepTrials(variants=list(plan.variants), folds=list(plan.folds), search=bool(plan.search),
+                         random_search=is_pbt(plan))
     damaged = set_aside_damaged_state(experiment, trials)
     if damaged is None:
         # a search passes none: were Ray to restart it anyway, its trials get no config and fail with a clear
