@@ -68,3 +68,38 @@ def test_notebook_runs_on_a_finished_sweep_and_draws_its_figures(finished_sweep:
     assert text.count("stopped or running") == 0 and text.count("finished") >= 2  # the trials table (result.json)
     figures = [out for out in produced if "image/png" in out.get("data", {})]
     assert len(figures) == 2, "expected the learning curves and the final-Dice box plot"
+
+
+@pytest.fixture(scope="module")
+def finished_pbt_search(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PBT search of 3 configurations x 1 fold x 3 epochs: enough for importance and a learning-rate plot."""
+    cwd = tmp_path_factory.mktemp("notebook_search")
+    result = subprocess.run([sys.executable, "-m", "viseg.sweep", "optimizer.lr=tag(log, interval(1e-3, 1e-1))",
+                             "num_samples=3", "search.folds=[0]", "search.scheduler=pbt",
+                             "search.perturbation_interval=1", "trainer.max_epochs=3", "trainer.iterations_per_epoch=2",
+                             "trainer.val_iterations=1", "splits.n_folds=3", "experiment=notebook-search"],
+                            cwd=cwd, capture_output=True, text=True, timeout=900,
+                            env=os.environ | {"RAY_ADDRESS": "local"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return cwd / "results" / "sweeps" / "notebook-search"
+
+
+@pytest.mark.slow
+def test_notebook_shows_a_search_its_fold_spread_importance_and_pbt_learning_rates(finished_pbt_search: Path,
+                                                                                   tmp_path: Path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}})
+    client.execute(env=os.environ | {"VISEG_EXPERIMENT": str(finished_pbt_search)})
+
+    produced = outputs(notebook)
+    assert not [out for out in produced if out["output_type"] == "error"]
+    text = "\n".join(text_of(out) for out in produced)
+    assert "mean ± std" in text and "finished" in text  # the configurations table
+    assert "not a PBT search" not in text and "importance needs" not in text
+    figures = [out for out in produced if "image/png" in out.get("data", {})]
+    # learning curves, final Dice per variant, fold spread per configuration, importance, PBT learning rates
+    assert len(figures) == 5

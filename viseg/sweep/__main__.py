@@ -22,10 +22,10 @@ was submitted to. Overrides use Hydra's grammar:
 
 Sweep settings (a sweep spec in sweeps/<name>.yaml may set them; the command line wins):
   folds=0-4 | 0,2,4 | all        folds to run (default 0-4)
-  sweep=<name>                   load sweeps/<name>.yaml (variants, folds, search space, resources, ...)
-  resources.cpu=1 resources.gpu=0.5   per trial (fractional GPUs share a device)
+  sweep=<name>|<file.yaml>       load sweeps/<name>.yaml or a spec file (variants, folds, search
+                                 space, resources, ...), e.g. a search's best_config.yaml
+  resources.cpu=1 resources.gpu=0.5   per trial, per fold in a search (fractional GPUs share a device)
   max_concurrent_trials=N  max_failures=2  checkpoints_to_keep=2  num_samples=8
-  search.folds=[0]  search.scheduler=asha  search.metric=val/ema_pseudo_dice
   storage_path=results/sweeps    a folder; on a cluster one mounted at the same path on every node
                                  (NFS, EFS, Lustre, ...); URIs such as s3:// are refused
   experiment=<name>              default: derived from dataset, config and axes (deterministic)
@@ -38,6 +38,22 @@ Sweep settings (a sweep spec in sweeps/<name>.yaml may set them; the command lin
                                  full resolution, the top two ensembled, largest-component postprocessing
                                  per label where it helps; writes selection/best.json, prints the predict
                                  command (selection.ensembles=true selection.mirror=true selection.checkpoint=final)
+
+Searches (any searched range above): one trial per sampled configuration, which trains all of
+search.folds at once (one Ray task per fold, each with resources.* of its own) and is scored by
+their mean; the searcher never sees the fold.
+  search.folds=[0,1,2]           the default: 3x the cost of [0], but no choice is fitted to one
+                                 fold's few validation cases; [0] for a quick look
+  search.scheduler=asha|hyperband|median|pbt   stop weak configurations early (epochs as budget);
+                                 pbt copies better trials' checkpoints and perturbs searched floats
+  search.grace_period=1 search.reduction_factor=3          asha, hyperband, median
+  search.perturbation_interval=2 search.quantile_fraction=0.25 search.resample_probability=0.25  pbt
+  search.time_budget_s=3600      end the search on time
+  search.metric=val/ema_pseudo_dice search.mode=max        per-epoch score (fold mean); a finished
+                                 configuration's score is its folds' full-resolution validation Dice
+  At the end: search.json (every configuration, per-fold and mean Dice, status), importance.png,
+  and best_config.yaml: python -m viseg.sweep sweep=<experiment>/best_config.yaml trains the winner
+  on every fold.
 
 Without dataset.basepath (and without sweep=), the demo spec runs on the built-in demo dataset with a
 small budget, so `python -m viseg.sweep folds=0-4 lr_scheduler=step_lr,poly` finishes on a laptop CPU.

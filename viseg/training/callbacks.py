@@ -85,6 +85,13 @@ class MetricsHistory(L.Callback):
         self.rows: list[dict[str, float]] = []
         self._epoch_start = 0.0
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A resumed run's files start from its checkpoint's history (restored by now): after a fallback to
+        previous.ckpt, or a PBT exploit of another trial's checkpoint, the folder's own copy is not the run's."""
+        if self.rows:
+            self._write_csv()
+            plot_progress(self.rows, self.run_dir / "progress.png")
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
 
