@@ -27,7 +27,7 @@ from typing import Any
 from viseg.io.atomic import write_atomically
 from viseg.sweep.spec import SearchAxis
 
-IMPORTANCE_EVALUATOR = "PED-ANOVA (optuna.importance)"
+IMPORTANCE_EVALUATOR = "optuna PED-ANOVA"  # optuna.importance.PedAnovaImportanceEvaluator
 # The fewest for which PED-ANOVA says anything. It compares the better configurations (the target group) with
 # all of them, and the target group needs two: a single one gives a Parzen estimator without spread, and
 # rankings from it were barely better than chance (measured as in the module's docstring: right in 53-62% of
@@ -164,7 +164,7 @@ def render_importance(importance: dict[str, float], evaluator: str) -> str:
         return (f"hyperparameter importance: not computed, it needs at least {IMPORTANCE_MIN_TRIALS} finished "
                 "configurations and one searched value")
     width = max(len("parameter"), *map(len, importance))
-    lines = [f"hyperparameter importance ({evaluator}; the shares sum to 1):",
+    lines = [f"hyperparameter importance, {evaluator} (the shares sum to 1):",
              f"  {'parameter':<{width}}  importance"]
     lines += [f"  {key:<{width}}  {value:10.3f}  {'#' * round(_BAR_WIDTH * value)}"
               for key, value in importance.items()]
@@ -185,7 +185,7 @@ def plot_importance(importance: dict[str, float], path: Path, title: str) -> Non
     ax.bar_label(bars, fmt="%.2f", padding=3)
     if not keys:
         ax.text(0.5, 0.5, "nothing to rank", ha="center", va="center", transform=ax.transAxes)
-    ax.set(xlabel=f"importance ({IMPORTANCE_EVALUATOR}, normalised)", xlim=(0, 1.12), title=title)
+    ax.set(xlabel=f"importance, {IMPORTANCE_EVALUATOR} (the shares sum to 1)", xlim=(0, 1.12), title=title)
     ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
     ax.grid(axis="x", alpha=0.3)
     write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
