@@ -129,3 +129,35 @@ def test_pbt_exploits_a_better_trial_keeps_every_epoch_and_resumes_after_a_drive
         assert epochs_of(run) == list(range(6))  # no epoch lost: neither to the exploit nor to the kill
     log = (runs[f"default-{trial_id}/fold_0"] / "training_log.txt").read_text()
     assert "changed from the checkpoint: optimizer.lr" in log
+
+
+def test_a_lost_fold_task_is_restarted_from_its_checkpoint_while_the_other_fold_goes_on(tmp_path: Path):
+    import os
+    import signal
+
+    experiment = tmp_path / "results" / "sweeps" / "lost-fold"
+    process = start_sweep(LR, "num_samples=1", "search.folds=[0,1]", "trainer.max_epochs=5",
+                          "trainer.iterations_per_epoch=3", *TINY, "max_failures=2", "experiment=lost-fold",
+                          cwd=tmp_path)
+
+    def epoch_reports() -> list[dict]:
+        return [r for rows in reports_by_trial(experiment).values() for r in rows if "fold_0/pid" in r]
+
+    try:
+        wait_for(lambda: any(r["epochs"] >= 2 for r in epoch_reports()), process, what="two epochs of both folds")
+        lost, kept = epoch_reports()[-1]["fold_0/pid"], epoch_reports()[-1]["fold_1/pid"]
+        os.kill(lost, signal.SIGKILL)
+        output, _ = process.communicate(timeout=600)
+    finally:
+        kill_session(process)
+    assert process.returncode == 0, output[-4000:]
+    reports = epoch_reports()
+    assert [r["epochs"] for r in reports] == [1, 2, 3, 4, 5]  # every epoch reported once, none lost
+    assert len({r["fold_0/pid"] for r in reports}) == 2  # fold 0 went on in a new worker
+    assert {r["fold_1/pid"] for r in reports} == {kept}  # fold 1 never stopped
+    assert lost not in {r["fold_0/pid"] for r in reports[-2:]}
+    runs = run_folders(experiment)
+    for fold in (0, 1):
+        run = next(path for name, path in runs.items() if name.endswith(f"/fold_{fold}"))
+        assert epochs_of(run) == [0, 1, 2, 3, 4] and (run / "finished.json").is_file()
+    assert "was lost" in output and "starting it again from its last checkpoint" in output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import viseg
 from tests.helpers import compose_typed
 from viseg.data.demo import DemoSpec, generate_demo_dataset
 from viseg.errors import ConfigError
@@ -68,6 +70,8 @@ def test_run_folder_is_complete(demo: Path, tmp_path: Path, config_name: str, la
     assert checkpoint["viseg"]["config_yaml"] == (run / "config.yaml").read_text()
     assert list(checkpoint["viseg"]["plans"]["configurations"]["3d_fullres"]["patch_size"]) == [16, 32, 32]
     assert_training_log(run / "training_log.txt", epochs=2, classes=len(labels))
+    code = json.loads((run / "code.json").read_text())  # which code trained it: this checkout's commit
+    assert code["version"] == viseg.__version__ and len(code["commit"]) == 40 and isinstance(code["dirty"], bool)
 
 
 def assert_training_log(path: Path, epochs: int, classes: int) -> None:
@@ -134,10 +138,14 @@ def test_sigkill_then_continue_ends_where_an_uninterrupted_run_would(demo: Path,
     assert not (run_dir / "finished.json").exists()
     epochs_done = len(read_metrics(run_dir))
     assert epochs_done < 4
+    started = json.loads((run_dir / "code.json").read_text())
+    (run_dir / "code.json").write_text(json.dumps({**started, "commit": "0000000000ab" + "0" * 28}))
 
     resumed = subprocess.run([sys.executable, "-m", "viseg.train", f"continue_from={run_dir}"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    # it started with "other" code (as after a checkout between the kill and the continue): said, not hidden
+    assert "continues with other code than it started with (commit 0000000000ab" in resumed.stdout + resumed.stderr
     rows = read_metrics(run_dir)
     assert [int(float(r["epoch"])) for r in rows] == [0, 1, 2, 3]
     # poly: lr0 * (1 - epoch / max_epochs) ** 0.9, exactly what an uninterrupted run uses in its last epoch

@@ -122,7 +122,7 @@ def train_fold(job: FoldJob) -> Iterator[dict[str, Any]]:
 
     def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
         epoch = int(metrics["epoch"])
-        reports.put(("epoch", {"fold": job.fold, "epoch": epoch, "metrics": dict(metrics),
+        reports.put(("epoch", {"fold": job.fold, "epoch": epoch, "metrics": dict(metrics), "pid": os.getpid(),
                                "checkpoint": str(stage_checkpoint(run_dir, epoch))}))
 
     def work() -> None:

@@ -247,6 +247,8 @@ def _report_epoch(items: list[dict[str, Any]], epoch: int, trial_id: str, metric
     rows = [item["metrics"] for item in items]
     metrics: dict[str, Any] = fold_mean(rows)
     metrics |= {f"fold_{item['fold']}/{metric}": item["metrics"].get(metric) for item in items}
+    # which process trained each fold's epoch: a fold restarted after a lost worker shows a new one
+    metrics |= {f"fold_{item['fold']}/pid": item["pid"] for item in items if item.get("pid")}
     metrics |= {"epoch": epoch, EPOCHS: epoch + 1, "folds_reported": len(items), SCORE: metrics.get(metric)}
     staged = {item["fold"]: item["checkpoint"] for item in items}
     checkpoint = None

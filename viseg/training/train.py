@@ -21,11 +21,18 @@ from typing import TYPE_CHECKING, Any
 from viseg.config import BaseConfig
 from viseg.errors import ConfigError
 from viseg.io.atomic import copy_atomically, write_text_atomically
-from viseg.io.jsonio import write_json_atomic
-from viseg.io.layout import BEST_CHECKPOINT, CHECKPOINTS_DIR, FINISHED_MARKER, RESUMABLE_CHECKPOINTS
+from viseg.io.jsonio import read_json, write_json_atomic
+from viseg.io.layout import (
+    BEST_CHECKPOINT,
+    CHECKPOINTS_DIR,
+    CODE_VERSION,
+    FINISHED_MARKER,
+    RESUMABLE_CHECKPOINTS,
+)
 from viseg.planning.plans import Plans
 from viseg.preprocessing.prepare import PreparedDataset, prepare
 from viseg.preprocessing.preprocess import preprocess_dataset
+from viseg.provenance import code_changes, code_version
 from viseg.training.continue_run import is_started, own_prepared
 from viseg.training.resolve import resolve_config
 from viseg.training.validation import validate_full_cases
@@ -75,6 +82,24 @@ def _write_run_files(run_dir: Path, cfg: BaseConfig, prepared: PreparedDataset) 
         for name in ("plans.json", "splits.json", "dataset.json"):
             copy_atomically(prepared.plans_dir / name, run_dir / name)
     write_text_atomically(run_dir / "config.yaml", config_yaml(cfg))
+    _record_code(run_dir)
+
+
+def _record_code(run_dir: Path) -> None:
+    """code.json keeps the code a run started with; a continued run compares and says when it differs."""
+    now, path = code_version(), run_dir / CODE_VERSION
+    if not path.is_file():
+        write_json_atomic(path, now.to_dict())
+        return
+    try:
+        started = read_json(path)
+    except (OSError, ValueError):
+        log.warning("%s is unreadable: this run's starting code is unknown", path)
+        return
+    changes = code_changes(started, now)
+    if changes:
+        log.warning("%s continues with other code than it started with (%s): its epochs from here on are "
+                    "trained by the code now in %s", run_dir, "; ".join(changes), now.source)
 
 
 def existing_run_files(run_dir: Path) -> list[str]:
