@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from viseg import __version__
+
 log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -36,8 +38,6 @@ def _git(root: Path, *args: str) -> str | None:
 
 
 def code_version(package_dir: Path = PACKAGE_DIR) -> CodeVersion:
-    from viseg import __version__
-
     root = _git(package_dir, "rev-parse", "--show-toplevel")
     commit = _git(package_dir, "rev-parse", "HEAD") if root else None
     if not root or not commit:
