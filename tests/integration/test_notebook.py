@@ -49,19 +49,24 @@ def text_of(out: dict) -> str:
     return out.get("text", "") if out["output_type"] == "stream" else out.get("data", {}).get("text/plain", "")
 
 
-@pytest.mark.slow
-def test_notebook_runs_on_a_finished_sweep_and_draws_its_figures(finished_sweep: Path, tmp_path: Path):
+def executed(experiment: Path, work: Path) -> list[dict]:
+    """The notebook run end to end on `experiment` by a real kernel: every output, none an error."""
     import nbformat
     from nbclient import NotebookClient
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}})
+                            resources={"metadata": {"path": str(work)}})
     # a failing cell raises CellExecutionError with the cell's traceback
-    client.execute(env=os.environ | {"VISEG_EXPERIMENT": str(finished_sweep)})
-
+    client.execute(env=os.environ | {"VISEG_EXPERIMENT": str(experiment)})
     produced = outputs(notebook)
     assert not [out for out in produced if out["output_type"] == "error"]
+    return produced
+
+
+@pytest.mark.slow
+def test_notebook_runs_on_a_finished_sweep_and_draws_its_figures(finished_sweep: Path, tmp_path: Path):
+    produced = executed(finished_sweep, tmp_path)
     text = "\n".join(text_of(out) for out in produced)
     assert f"experiment: {finished_sweep}" in text
     assert "* default  2/0" in text  # the cross-validation table, both folds counted
@@ -87,16 +92,7 @@ def finished_pbt_search(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_notebook_shows_a_search_its_fold_spread_importance_and_pbt_learning_rates(finished_pbt_search: Path,
                                                                                    tmp_path: Path):
-    import nbformat
-    from nbclient import NotebookClient
-
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}})
-    client.execute(env=os.environ | {"VISEG_EXPERIMENT": str(finished_pbt_search)})
-
-    produced = outputs(notebook)
-    assert not [out for out in produced if out["output_type"] == "error"]
+    produced = executed(finished_pbt_search, tmp_path)
     text = "\n".join(text_of(out) for out in produced)
     assert "mean ± std" in text and "finished" in text  # the configurations table
     assert "not a PBT search" not in text and "importance needs" not in text
