@@ -84,11 +84,11 @@ EXPLOITS_DIR = "pbt_exploits"  # <experiment>/pbt_exploits/<trial>_epoch<e>/: a 
 
 
 def _adopt(start: Start, trial_id: str, folds: list[int], experiment: Path) -> tuple[Start, Path]:
-    """After PBT's exploit, make the donor's checkpoint this trial's own at once. Ray keeps only the last few
-    checkpoints of the donor, which goes on training: were this trial stopped before its next report, its
-    restore would point at a checkpoint deleted since. So the donor's files are linked into a folder of the
-    experiment that the folds resume from, and reported straight away as this trial's own checkpoint, with the
-    metrics the donor reached there (the exploit shows as one report at the donor's epoch)."""
+    """After PBT's exploit, make the donor's checkpoint this trial's own at once: were this trial stopped
+    before its next report, its restore would otherwise depend on a checkpoint the donor owns (and that Ray
+    deletes with the donor's old checkpoints when checkpoints_to_keep applies). So the donor's files are linked
+    into a folder of the experiment that the folds resume from, and reported straight away as this trial's own
+    checkpoint, with the metrics the donor reached there (the exploit shows as one report at the donor's epoch)."""
     import ray.tune
 
     assert start.folder is not None
