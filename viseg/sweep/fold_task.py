@@ -30,11 +30,10 @@ from viseg.io.atomic import copy_atomically
 from viseg.io.checkpoints import newest_good_checkpoint
 from viseg.io.jsonio import read_json
 from viseg.io.layout import CHECKPOINTS_DIR, FINISHED_MARKER, LAST_CHECKPOINT
-from viseg.sweep.trial import trial_config
+from viseg.sweep.trial import RUN_IDENTITY, checkpoint_files, link_files, trial_config
 
 log = logging.getLogger(__name__)
 REPORTED_DIR = "reported"  # <run folder>/reported/epoch_<e>/: an epoch's checkpoint until the trial took it
-RUN_IDENTITY = ("plans.json", "splits.json")  # what a run continues with, wherever it continues
 
 
 @dataclass(frozen=True)
@@ -52,13 +51,7 @@ def stage_checkpoint(run_dir: Path, epoch: int) -> Path:
     """Hard links (a copy across filesystems) of this epoch's last.ckpt and the run's plan and split."""
     stage = run_dir / REPORTED_DIR / f"epoch_{epoch:05d}"
     shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    for source in (run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT, *(run_dir / name for name in RUN_IDENTITY)):
-        if source.is_file():
-            try:
-                os.link(source, stage / source.name)
-            except OSError:
-                shutil.copy2(source, stage / source.name)
+    link_files(checkpoint_files(run_dir), stage)
     return stage
 
 

@@ -9,14 +9,13 @@ sweep spec (`best_config.yaml`); and which searched values mattered (`importance
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from viseg.io.atomic import write_text_atomically
-from viseg.io.jsonio import read_json, write_json_atomic
+from viseg.io.jsonio import write_json_atomic
 from viseg.sweep.driver import SweepPlan
 from viseg.sweep.importance import (
     IMPORTANCE_EVALUATOR,
@@ -25,6 +24,7 @@ from viseg.sweep.importance import (
     render_importance,
 )
 from viseg.sweep.search_trial import FINAL_METRIC, SCORE
+from viseg.sweep.summary import read_errors
 from viseg.sweep.trial_results import read_trials
 
 BEST_CONFIG = "best_config.yaml"
@@ -57,20 +57,11 @@ def _number(value: Any) -> float | None:
     return float(value) if ok else None
 
 
-def _errors(experiment: Path) -> dict[str, str]:
-    path = experiment / "errors.json"
-    try:
-        entries = read_json(path) if path.is_file() else []
-    except (OSError, ValueError):
-        return {}
-    return {str(e.get("variant")): str(e.get("error", "")) for e in entries if isinstance(e, dict)}
-
-
 def read_configurations(experiment: Path, plan: SweepPlan, ended: bool) -> list[Configuration]:
     """Every configuration the search tried, best first: finished ones by their final mean Dice, then the
     ones a scheduler stopped (by the last score they reached), then failed ones. `ended`: the search is over,
     so a configuration neither finished nor failed was stopped early (by the scheduler or the time budget)."""
-    errors = _errors(experiment)
+    errors = {variant: message for variant, _, message in read_errors(experiment)}
     configurations = []
     for trial in read_trials(experiment):
         config, last = trial.config, trial.last
@@ -171,7 +162,3 @@ def next_command(paths: dict[str, Path]) -> str | None:
     if "best_config" not in paths:
         return None
     return f"python -m viseg.sweep sweep={paths['best_config']}   (the winner on every fold)"
-
-
-def load_report(experiment: Path) -> dict[str, Any]:
-    return json.loads((experiment / SEARCH_REPORT).read_text())

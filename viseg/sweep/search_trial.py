@@ -27,6 +27,7 @@ from typing import Any
 from viseg.errors import ConfigError
 from viseg.io.jsonio import read_json
 from viseg.sweep.fold_task import REPORTED_DIR, FoldJob, train_fold
+from viseg.sweep.trial import link_files
 
 log = logging.getLogger(__name__)
 TRIAL_STATE = "search_trial.json"  # in every trial checkpoint: {"trial_id": writer, "epochs": reported}
@@ -105,20 +106,12 @@ def _checkpoint_folder(trial_id: str, epochs: int, staged: dict[int, str], metri
                        stage: Path | None = None, adopted: bool = False) -> str:
     """One folder for Ray to persist: TRIAL_STATE (the writer, its epochs and the metrics it reported with it)
     and fold_<k>/ with that fold's staged files (hard links)."""
-    import os
-
     stage = stage or Path(tempfile.mkdtemp(prefix="viseg-search-ckpt-"))
     stage.mkdir(parents=True, exist_ok=True)
     state = {"trial_id": trial_id, "epochs": epochs, "metrics": metrics, "adopted": adopted}
     (stage / TRIAL_STATE).write_text(json.dumps(state))
     for fold, source in staged.items():
-        target = stage / f"fold_{fold}"
-        target.mkdir()
-        for path in Path(source).iterdir():
-            try:
-                os.link(path, target / path.name)
-            except OSError:
-                shutil.copy2(path, target / path.name)
+        link_files(sorted(Path(source).iterdir()), stage / f"fold_{fold}")
     return str(stage)
 
 

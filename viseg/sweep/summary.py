@@ -85,7 +85,7 @@ def _read_validation(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _read_errors(experiment: Path) -> list[tuple[str, int, str]]:
+def read_errors(experiment: Path) -> list[tuple[str, int, str]]:
     """(variant, fold, message) from errors.json; a missing file means no known errors."""
     path = experiment / "errors.json"
     try:
@@ -145,7 +145,7 @@ def summarize(experiment: Path) -> list[VariantSummary]:
     """One summary per variant, best first (`_rank_key`); works while the sweep runs: unfinished folds are
     listed but never counted."""
     runs = experiment_variants(Path(experiment) / EXPERIMENT_RUNS)
-    failed = _assign_errors(_read_errors(Path(experiment)), set(runs))
+    failed = _assign_errors(read_errors(Path(experiment)), set(runs))
     summaries = [_summarize_variant(v, runs.get(v, {}), failed.get(v, {})) for v in set(runs) | set(failed)]
     summaries.sort(key=_rank_key)
     if summaries and summaries[0].overall.mean is not None:

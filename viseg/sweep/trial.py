@@ -50,18 +50,29 @@ def trial_config(variant_yaml: str, fold: int, params: dict[str, Any], name: str
 RUN_IDENTITY = ("plans.json", "splits.json")  # what a run continues with, wherever it continues
 
 
-def _stage_checkpoint(checkpoint_dir: Path) -> str:
-    """A folder for Ray to persist: last.ckpt and the run's own plan and split, so that a trial continued on
-    another node (from Ray's copy) still trains on its own split (hard links when possible: no copy)."""
-    stage = tempfile.mkdtemp(prefix="viseg-ckpt-")
-    sources = [checkpoint_dir / LAST_CHECKPOINT, *(checkpoint_dir.parent / name for name in RUN_IDENTITY)]
+def link_files(sources: list[Path], folder: Path) -> None:
+    """Hard links of the files that exist (a copy across filesystems) into `folder`: a checkpoint staged for Ray
+    without copying its bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
     for source in sources:
         if not source.is_file():
             continue
         try:
-            os.link(source, Path(stage) / source.name)
+            os.link(source, folder / source.name)
         except OSError:
-            shutil.copy2(source, Path(stage) / source.name)
+            shutil.copy2(source, folder / source.name)
+
+
+def checkpoint_files(run_dir: Path) -> list[Path]:
+    """What a checkpoint of a run must carry: last.ckpt and the run's own plan and split."""
+    return [run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT, *(run_dir / name for name in RUN_IDENTITY)]
+
+
+def _stage_checkpoint(checkpoint_dir: Path) -> str:
+    """A folder for Ray to persist: last.ckpt and the run's own plan and split, so that a trial continued on
+    another node (from Ray's copy) still trains on its own split."""
+    stage = tempfile.mkdtemp(prefix="viseg-ckpt-")
+    link_files(checkpoint_files(checkpoint_dir.parent), Path(stage))
     return stage
 
 
