@@ -1,4 +1,4 @@
-"""Process-parallel map over cases with a progress bar, shared by verification, fingerprinting and
+"""Process-parallel map over cases with progress (viseg/progress.py), shared by verification, fingerprinting and
 preprocessing."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
 
-from tqdm.auto import tqdm
+from viseg.progress import progress_bar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -39,7 +39,7 @@ def parallel_map(
     """
     items = list(items)
     workers = min(default_num_processes(num_processes), max(1, len(items)))
-    bar = tqdm(total=len(items), desc=desc, disable=not progress, unit="case")
+    bar = progress_bar(len(items), desc, enabled=progress)
     try:
         if workers == 1:
             results = []

@@ -37,12 +37,32 @@ def test_reduced_main_command_runs_every_trial_and_prepares_once(tmp_path: Path)
     assert sorted(v["variant"] for v in summary) == ["lr_scheduler-poly", "lr_scheduler-step_lr"]
     assert all(v["folds_finished"] == [0, 1] for v in summary)
     assert (experiment / "summary.png").is_file() and "lr_scheduler-poly" in result.stdout
+    check_console(result.stdout, result.stderr, experiment)
     # the same command again continues the experiment instead of refusing it; nothing finished is retrained
     markers = {p: p.stat().st_mtime_ns for p in (experiment / "runs").rglob("finished.json")}
     again = sweep(*args, cwd=tmp_path)
     assert again.returncode == 0 and "continuing it" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in (experiment / "runs").rglob("finished.json")} == markers
     check_best_then_predict(experiment, tmp_path)
+
+
+NOISE = ("Tip:", "TPU available", "GPU available", "Checkpoint successfully created", "snapshotting",
+         "Configuration for experiment", "Trial status:", "`Trainer.fit` stopped")
+
+
+def check_console(stdout: str, stderr: str, experiment: Path) -> None:
+    """Issue 16's console: none of Ray's or Lightning's per-trial lines, a short log of what happened, then
+    the final table, the files it wrote and the next command."""
+    lines = (stdout + stderr).splitlines()
+    assert not [line for line in lines if any(noise in line for noise in NOISE)], stdout + stderr
+    table = next(i for i, line in enumerate(stdout.splitlines()) if "folds ok/failed" in line)
+    before_table = stdout.splitlines()[:table] + stderr.splitlines()
+    assert len(before_table) <= 60, "\n".join(before_table)
+    # off a terminal: one line per finished trial and a status line now and then, no progress bar's \r
+    assert sum(line.startswith("finished ") for line in before_table) == 4 and "\r" not in stdout + stderr
+    after = stdout.splitlines()[table:]
+    assert f"json: {experiment / 'summary.json'}" in after and f"png:  {experiment / 'summary.png'}" in after
+    assert any(line.startswith(f"next: python -m viseg.sweep best={experiment}") for line in after), after
 
 
 def check_best_then_predict(experiment: Path, work: Path) -> None:

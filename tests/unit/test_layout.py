@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "viseg"
 
 # Lowest first. A module may import modules of its own layer and of the layers before it, never after it.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("viseg.errors", "viseg.parallel", "viseg.io", "viseg.provenance")),
+    ("base", ("viseg.errors", "viseg.progress", "viseg.noise", "viseg.parallel", "viseg.io", "viseg.provenance")),
     ("data", ("viseg.data",)),
     ("planning", ("viseg.planning",)),
     # The schemas validate names against the registries below them (pathfinders, architectures) and the

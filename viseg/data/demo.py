@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from viseg.errors import ConfigError
 from viseg.io.jsonio import read_json, write_json_atomic
+from viseg.progress import track
 
 # Bump whenever the generated content changes, so that cached demo datasets are regenerated.
 DEMO_VERSION = 1
@@ -161,7 +161,7 @@ def _write_dataset(root: Path, spec: DemoSpec, progress: bool) -> None:
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
     rng = np.random.default_rng(spec.seed)
-    for i in tqdm(range(spec.n_cases), desc="viseg demo dataset", unit="case", disable=not progress):
+    for i in track(range(spec.n_cases), "viseg demo dataset", enabled=progress):
         image, label, spacing = make_demo_case(rng)
         _save_nifti(image, spacing, root / "imagesTr" / f"demo_{i:03d}_0000.nii.gz")
         _save_nifti(label, spacing, root / "labelsTr" / f"demo_{i:03d}.nii.gz")

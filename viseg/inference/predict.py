@@ -23,6 +23,7 @@ import numpy as np
 from viseg.data.prediction_inputs import CaseInput, check_case_headers
 from viseg.errors import ConfigError, DatasetError, VisegError, is_storage_full
 from viseg.inference.ensemble import Ensemble, Postprocessing
+from viseg.progress import progress_bar
 
 if TYPE_CHECKING:
     from viseg.data.prediction_inputs import CaseInput
@@ -137,21 +138,24 @@ def predict_cases(ensemble: Ensemble, cases: list[CaseInput], output: Path, opti
     Any Exception, not only VisegError: a MemoryError (a huge case), a library's error on an exotic file or a
     bug hit by one case must not cost the other cases of the folder. A full disk, KeyboardInterrupt and SystemExit
     still stop the command. The traceback of an unexpected error goes to the debug log."""
-    from tqdm.auto import tqdm
-
     output.mkdir(parents=True, exist_ok=True)
     report = PredictionReport()
-    for case_input in tqdm(cases, desc="Predicting", unit="case", disable=not progress):
-        try:
-            predict_one(ensemble, case_input, output, options, postprocessing, save_probabilities)
-        except Exception as exc:
-            if is_storage_full(exc):  # no later case could be written either: stop, naming the file
-                raise
-            message = str(exc) if isinstance(exc, VisegError) else _unexpected(case_input, exc)
-            report.failures[case_input.case_id] = message
-            tqdm.write(f"viseg predict: {case_input.case_id} failed: {message}", file=sys.stderr)
-            continue
-        report.predicted.append(case_input.case_id)
+    bar = progress_bar(len(cases), "Predicting", enabled=progress)
+    try:
+        for case_input in cases:
+            try:
+                predict_one(ensemble, case_input, output, options, postprocessing, save_probabilities)
+            except Exception as exc:
+                if is_storage_full(exc):  # no later case could be written either: stop, naming the file
+                    raise
+                message = str(exc) if isinstance(exc, VisegError) else _unexpected(case_input, exc)
+                report.failures[case_input.case_id] = message
+                bar.write(f"viseg predict: {case_input.case_id} failed: {message}", file=sys.stderr)
+            else:
+                report.predicted.append(case_input.case_id)
+            bar.update(1)
+    finally:
+        bar.close()
     return report
 
 

@@ -38,6 +38,7 @@ from viseg.inference.predict import InferenceOptions, predict_case
 from viseg.io.atomic import write_atomically
 from viseg.io.jsonio import read_json, write_json_atomic
 from viseg.io.layout import FINISHED_MARKER, describe_weights
+from viseg.progress import track
 
 log = logging.getLogger(__name__)
 SELECTION_DIR = "selection"
@@ -117,10 +118,7 @@ def predict_validation(variant: str, folds: dict[int, Path], out_dir: Path, chec
                        references: dict[str, np.ndarray], progress: bool) -> tuple[int, ...]:
     """Full-resolution probabilities of every validation case of every fold, cached as .npz per case; a
     cached case is reused only when its key (prediction_key) matches the one this call would use."""
-    from tqdm.auto import tqdm
-
     from viseg.data.nifti import read_case
-
     out_dir.mkdir(parents=True, exist_ok=True)
     options = InferenceOptions(mirror=mirror)
     label_values: tuple[int, ...] = ()
@@ -131,7 +129,7 @@ def predict_validation(variant: str, folds: dict[int, Path], out_dir: Path, chec
         key = prediction_key(checkpoint_path(run_dir, checkpoint), checkpoint,
                              tuple(ensemble.mirror_axes) if mirror else None, options.step)
         stored = json.dumps(key, sort_keys=True)
-        for case in tqdm(cases, desc=f"{variant} fold {fold}", unit="case", disable=not progress):
+        for case in track(cases, f"{variant} fold {fold}", enabled=progress):
             target = out_dir / f"{case.case_id}.npz"
             if case.case_id not in references:
                 references[case.case_id] = read_case(case).label

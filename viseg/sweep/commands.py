@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from pathlib import Path
 
 from viseg.errors import ConfigError, VisegError, free_space_then, is_storage_full, storage_full
 from viseg.io.layout import EXPERIMENT_RUNS
+from viseg.noise import VERBOSE_ENV, quiet_libraries
 from viseg.sweep.best import render, select_best
 from viseg.sweep.cross_validate import plan_cross_validation
 from viseg.sweep.driver import STATE_FILE, SweepPlan, load_state, plan_sweep, prepare_all, render_trials, save_state
@@ -21,7 +23,8 @@ log = logging.getLogger(__name__)
 
 def print_summary(experiment_dir: Path, ended: bool = False) -> int:
     """The cross-validation table; for a search also every configuration, the importance of the searched
-    values and best_config.yaml. `ended`: the sweep has just finished (unfinished search trials were stopped)."""
+    values and best_config.yaml. `ended`: the sweep has just finished (unfinished search trials were stopped).
+    Below the table: where it was written and the command to run next."""
     if not (experiment_dir / STATE_FILE).is_file() and not (experiment_dir / EXPERIMENT_RUNS).is_dir():
         raise ConfigError(f"{experiment_dir} is not a sweep experiment (no {STATE_FILE}, no runs/)",
                           fix="pass the experiment folder printed when the sweep started")
@@ -30,16 +33,24 @@ def print_summary(experiment_dir: Path, ended: bool = False) -> int:
     plan = load_state(experiment_dir) if (experiment_dir / STATE_FILE).is_file() else None
     if plan is not None and plan.search:
         text, paths = write_search_report(experiment_dir, plan, ended)
-        print(text)
-        written |= paths
-        print(f"\nsummary written to {', '.join(str(p) for p in written.values())}")
-        command = next_command(paths)
-        if command:
-            print(f"next: {command}")
+        print(f"\n{text}")
+        print(_written(written | paths, next_command(paths)))
         return 0
-    print(render_table(summaries))
-    print(f"\nsummary written to {', '.join(str(p) for p in written.values())}")
+    print(f"\n{render_table(summaries)}")
+    finished = any(s.folds_finished for s in summaries)
+    command = (f"python -m viseg.sweep best={experiment_dir}   (full-resolution cross-validation Dice, "
+               "ensembles, postprocessing; prints the predict command)") if finished else None
+    print(_written(written, command))
     return 0
+
+
+def _written(paths: dict[str, Path], command: str | None) -> str:
+    """The files the summary wrote, one per line, and what to run next: easy to find below a long table."""
+    width = max(len(kind) for kind in paths) + 1
+    lines = ["", *(f"{kind + ':':<{width}} {path}" for kind, path in paths.items())]
+    if command:
+        lines.append(f"{'next:':<{width}} {command}")
+    return "\n".join(lines)
 
 
 def _finish(plan: SweepPlan, results) -> int:
@@ -145,6 +156,9 @@ MODES = ("summary", "resume", "cross_validate", "best")  # settings of SweepConf
 def run(args: list[str], sweeps_dir: Path) -> int:
     """The mode the typed settings ask for (summary=, resume=, cross_validate=, best=), else a new sweep."""
     settings = parse_request(args, sweeps_dir).settings
+    if settings.verbose is not None:  # this process and, on a local Ray, the trials it starts (noise.py)
+        os.environ[VERBOSE_ENV] = str(settings.verbose)
+    quiet_libraries()
     given = [mode for mode in MODES if getattr(settings, mode) is not None]
     if len(given) > 1:
         raise ConfigError(f"{' and '.join(f'{m}=' for m in given)} are different modes of the sweep command",

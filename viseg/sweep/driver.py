@@ -151,6 +151,13 @@ def _typed_settings(saved: dict[str, Any], path: Path) -> SweepConfig:
                               "it") from None
 
 
+def max_epochs_by_variant(plan: SweepPlan) -> dict[str, int]:
+    """Each variant's epoch budget, from its composed config: the console's `epoch / max` column."""
+    from omegaconf import OmegaConf
+
+    return {name: int(OmegaConf.create(text).trainer.max_epochs) for name, text in plan.variants.items()}
+
+
 def render_trials(plan: SweepPlan) -> str:
     if plan.search:
         return _render_search(plan)

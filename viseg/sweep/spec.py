@@ -19,7 +19,7 @@ from viseg.io.layout import WEIGHTS, WEIGHTS_HELP
 
 SWEEP_KEYS = ("folds", "sweep", "dry_run", "resume", "summary", "cross_validate", "top_k", "experiment",
               "storage_path", "num_samples", "max_concurrent_trials", "max_failures", "checkpoints_to_keep",
-              "resources", "search", "config_name", "best", "selection")
+              "resources", "search", "config_name", "best", "selection", "verbose", "status_every_s")
 # Values that change the plan or the data cannot be searched: every trial of a search shares one plan.
 UNSEARCHABLE_PREFIXES = ("patch_size", "spacing", "batch_size", "transpose_", "foreground_labels", "model",
                          "plan.", "dataset.", "splits.", "num_channels", "num_classes", "fold", "paths.")
@@ -115,9 +115,18 @@ class SweepConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     sweep: str | None = None
     overrides: list[str] = field(default_factory=list)  # fixed training overrides from a spec file
+    # console: 0 results, errors and warnings only; 1 also the live trial table (or, off a terminal, a status
+    # line every status_every_s seconds); 2 also Ray's own tables and Lightning's banners (viseg/noise.py).
+    # None: VISEG_VERBOSE, else 1. Applies to the command that gives it (a resume can be louder than its sweep).
+    verbose: int | None = None
+    status_every_s: float = 30.0
 
     def __post_init__(self) -> None:
         self.storage_path = storage_path_on_disk(self.storage_path)
+        if self.verbose is not None and self.verbose not in (0, 1, 2):
+            raise ConfigError(f"verbose={self.verbose} is not a console level", fix="use verbose=0, 1 or 2")
+        if not self.status_every_s > 0:
+            raise ConfigError(f"status_every_s={self.status_every_s} must be positive", fix="e.g. status_every_s=30")
         if self.experiment is not None:
             check_folder_name("experiment", self.experiment)
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 from viseg.errors import ConfigError
 from viseg.io.jsonio import write_json_atomic
 from viseg.io.layout import EXPERIMENT_RUNS
-from viseg.sweep.driver import SweepPlan
+from viseg.noise import quiet_tune_driver, verbosity
+from viseg.sweep.console import error_message, make_console
+from viseg.sweep.driver import SweepPlan, max_epochs_by_variant
 from viseg.sweep.ray_state import ASIDE, UNTRUSTED, SweepTrials, set_aside_damaged_state, set_aside_untrusted_state
 from viseg.sweep.schedulers import search_algorithm, search_scheduler, searched_space
 from viseg.sweep.search_trial import SCORE, run_search_trial
@@ -86,6 +87,12 @@ def build_tuner(plan: SweepPlan) -> Any:
 
     from viseg.sweep.seal_callback import SealStateCallback
 
+    level = verbosity()
+    quiet_tune_driver(level)
+    callbacks = [SealStateCallback()]
+    if level >= 1:
+        callbacks.append(make_console(max_epochs=max_epochs_by_variant(plan), folds=list(plan.folds),
+                                      search=bool(plan.search), every_s=plan.settings.status_every_s))
     run_config = tune.RunConfig(
         name=plan.experiment, storage_path=plan.storage_path,
         failure_config=tune.FailureConfig(max_failures=plan.settings.max_failures),
@@ -94,7 +101,8 @@ def build_tuner(plan: SweepPlan) -> Any:
         # (one per perturbation interval, see trainable)
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=None if is_pbt(plan) else plan.settings.checkpoints_to_keep),
-        verbose=1, callbacks=[SealStateCallback()])
+        # Tune's own tables only at verbose=2: viseg's console (sweep/console.py) shows the trials
+        verbose=2 if level >= 2 else 0, callbacks=callbacks)
     tuner = tune.Tuner(trainable(plan), param_space=param_space(plan), tune_config=_tune_config(plan),
                        run_config=run_config)
     _seal_tuner_file(plan)
@@ -158,13 +166,6 @@ def restore_tuner(plan: SweepPlan) -> Any:
     log.warning("Ray's experiment state in %s is damaged (%s); the trials continue from their run folders "
                 "(finished ones are kept, the others resume from their last checkpoint)", experiment, damaged)
     return build_tuner(plan)
-
-
-def error_message(error: BaseException) -> str:
-    """The trial's own exception (a viseg error keeps its fix), not Ray's wrapper header."""
-    cause = getattr(error, "cause", None) or error
-    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(cause).__name__}: {cause}")
-    return text.strip()[:1000]
 
 
 def record_errors(plan: SweepPlan, results: Any) -> list[dict[str, Any]]:

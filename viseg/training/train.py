@@ -29,6 +29,7 @@ from viseg.io.layout import (
     FINISHED_MARKER,
     RESUMABLE_CHECKPOINTS,
 )
+from viseg.noise import quiet_libraries
 from viseg.planning.plans import Plans
 from viseg.preprocessing.prepare import PreparedDataset, prepare
 from viseg.preprocessing.preprocess import preprocess_dataset
@@ -231,6 +232,7 @@ def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: Repo
     """
     import lightning as L
 
+    quiet_libraries()
     started = time.perf_counter()
     prepared = prepared or prepare(cfg, progress)
     run_dir = run_dir or run_dir_for(cfg, prepared)

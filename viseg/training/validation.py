@@ -15,6 +15,7 @@ from viseg.config import BaseConfig
 from viseg.io.jsonio import write_json_atomic
 from viseg.preprocessing.prepare import PreparedDataset
 from viseg.preprocessing.preprocess import load_case
+from viseg.progress import track
 
 
 def validate_full_cases(network: Any, cfg: BaseConfig, prepared: PreparedDataset, folder: Path,
@@ -25,17 +26,14 @@ def validate_full_cases(network: Any, cfg: BaseConfig, prepared: PreparedDataset
     Evaluated on the preprocessed grid (after resampling to the plan's spacing); exporting to the original
     grid is the job of `python -m viseg.predict`.
     """
-    from tqdm.auto import tqdm
-
     from viseg.evaluation.metrics import dice_per_label, mean_ignoring_none, mean_over_cases
     from viseg.inference.sliding_window import predict_volume
-
     plan = prepared.plans.configuration(prepared.configuration)
     labels = prepared.plans.label_encoding()
     device = next(network.parameters()).device
     network.eval()
     cases: dict[str, list[float | None]] = {}
-    for case_id in tqdm(prepared.splits[cfg.fold]["val"], desc="Validating", disable=not progress):
+    for case_id in track(prepared.splits[cfg.fold]["val"], "Validating", enabled=progress):
         data, seg, _, _ = load_case(folder, case_id)
         probabilities = predict_volume(network, np.asarray(data), plan.patch_size, labels.num_classes, device)
         prediction = probabilities.argmax(0).cpu().numpy()
