@@ -30,6 +30,10 @@ Sweep settings (a sweep spec in sweeps/<name>.yaml may set them; the command lin
                                  (NFS, EFS, Lustre, ...); URIs such as s3:// are refused
   experiment=<name>              default: derived from dataset, config and axes (deterministic)
   dry_run=true                   print the trial table and exit
+  verbose=1                      the console: 0 errors, warnings and the final table only; 1 also the
+                                 trial table (redrawn on a terminal); 2 also Ray's and Lightning's own
+                                 output (VISEG_VERBOSE=2 in the environment does the same)
+  status_every_s=30              off a terminal (ray job logs, SLURM files): a status line this often
   resume=<experiment path>       continue a stopped sweep: unfinished and errored trials resume from
                                  their last checkpoint, finished trials are kept
   summary=<experiment path>      print and write the cross-validation summary (also while running)
