@@ -26,6 +26,7 @@ from typing import Any
 
 from viseg.errors import ConfigError
 from viseg.io.jsonio import read_json
+from viseg.noise import quiet_libraries
 from viseg.sweep.fold_task import REPORTED_DIR, FoldJob, train_fold
 from viseg.sweep.trial import link_files
 
@@ -185,6 +186,7 @@ def run_search_trial(config: dict[str, Any], variants: dict[str, str], runs_dir:
     checkpoints reported to Ray (PBT's perturbation interval: it only ever exploits at those)."""
     import ray.tune
 
+    quiet_libraries()  # this process reports the checkpoints; its folds train (and quiet themselves) elsewhere
     experiment = Path(runs_dir).parent
     variant = search_variant(config, variants, experiment)
     params = dict(config.get("params") or {})
