@@ -23,7 +23,6 @@ CHATTY_LOGGERS = (
     "lightning.fabric.utilities.rank_zero",
     "ray.train._internal.storage",  # "Checkpoint successfully created at: ..." per report
     "ray.train.v2._internal.execution.storage",
-    "optuna",  # "A new study created in memory" at the start of every search
 )
 # warnings about choices viseg made on purpose, or raised inside a library about its own code
 KNOWN_WARNINGS = (

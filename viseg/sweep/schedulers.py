@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from viseg.errors import ConfigError
+from viseg.noise import verbosity
 from viseg.sweep.search_trial import EPOCHS
 from viseg.sweep.spec import PBT_FIXED_PREFIXES, SearchAxis
 
@@ -89,6 +90,9 @@ def search_algorithm(plan: SweepPlan) -> Any:
         from ray.tune.search import BasicVariantGenerator
 
         return BasicVariantGenerator(random_state=search.seed)
+    import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    if verbosity() < 2:  # Optuna sets its own logger to INFO when imported: its study banner is noise.py's kind
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     return OptunaSearch(seed=search.seed)
