@@ -62,6 +62,34 @@ class LRSchedulerConfig:
             )
 
 
+TRACKERS = ("none", "mlflow", "wandb")
+WANDB_MODES = ("online", "offline")
+
+
+@dataclass
+class TrackingConfig:
+    """Opt-in experiment tracking (viseg.training.tracking): beside TensorBoard, each run is also one MLflow or
+    W&B run. A config group (`tracking=none|mlflow|wandb`) so that one word turns it on; the libraries are
+    optional extras, checked when training starts, never here: a tracked run's config must still load for
+    prediction where they are not installed."""
+
+    type: str = "none"  # none, mlflow or wandb
+    # MLflow: sqlite:///<file>, file:<folder> or http(s)://<server>; null: MLFLOW_TRACKING_URI, else
+    # sqlite:///<paths.results>/mlflow.db. W&B: the server's base URL; null: WANDB_BASE_URL, else W&B's own.
+    uri: str | None = None
+    # MLflow experiment / W&B project; null or empty: the sweep's experiment name, for a single run its dataset
+    experiment: str | None = None
+    mode: str | None = None  # W&B only: online or offline; null: WANDB_MODE, else online
+
+    def __post_init__(self) -> None:
+        if self.type not in TRACKERS:
+            raise ConfigError(f"tracking.type={self.type!r} is not a tracker",
+                              fix=f"use one of {list(TRACKERS)} (tracking=mlflow or tracking=wandb)")
+        if self.mode is not None and self.mode not in WANDB_MODES:
+            raise ConfigError(f"tracking.mode={self.mode!r} is not a W&B mode",
+                              fix=f"use one of {list(WANDB_MODES)}, or null for WANDB_MODE (else online)")
+
+
 @dataclass
 class NetworkArgs:
     """Network topology. Every value is derived by the planner and written back from plans.json.
@@ -308,6 +336,8 @@ class BaseConfig:
     plan: PlannerConfig = field(default_factory=PlannerConfig)
     splits: SplitsConfig = field(default_factory=SplitsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    # a default, not MISSING: config.yaml files written before tracking existed still load
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     fold: int = 0
     seed: int = 12345
     devices: Any = "auto"
@@ -434,6 +464,7 @@ def register_configs() -> None:
     for name, node in MODEL_OPTIONS.items():
         store.store(group="model", name=name, node=node)
     store.store(group="lr_scheduler", name="base_lr_scheduler", node=LRSchedulerConfig)
+    store.store(group="tracking", name="base_tracking", node=TrackingConfig)
 
 
 def register_predict_configs() -> None:

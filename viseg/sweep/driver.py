@@ -21,6 +21,7 @@ from viseg.io.jsonio import read_json, write_json_atomic
 from viseg.resources import conf_dir
 from viseg.sweep.spec import SearchAxis, SweepConfig, SweepRequest, parse_folds
 from viseg.sweep.trial import trial_config
+from viseg.training.tracking import sweep_variant
 
 log = logging.getLogger(__name__)
 STATE_FILE = "viseg_sweep.json"
@@ -93,7 +94,10 @@ def plan_sweep(request: SweepRequest) -> SweepPlan:
 
     discovery = discover(first)
     dataset = discovery.info.name if discovery.info else "dataset"
-    return SweepPlan(experiment=settings.experiment or _experiment_name(request, dataset, folds),
+    experiment = settings.experiment or _experiment_name(request, dataset, folds)
+    # tracking=mlflow|wandb: one tracking experiment per sweep, one absolute store for every trial
+    variants = {name: sweep_variant(text, experiment) for name, text in variants.items()}
+    return SweepPlan(experiment=experiment,
                      storage_path=str(Path(settings.storage_path).expanduser().resolve()),  # URIs refused in spec
                      variants=variants, overrides=overrides, folds=folds, search=request.search,
                      settings=settings, fixed=list(request.fixed))

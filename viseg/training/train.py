@@ -36,6 +36,7 @@ from viseg.preprocessing.preprocess import preprocess_dataset
 from viseg.provenance import code_changes, code_version
 from viseg.training.continue_run import is_started, own_prepared
 from viseg.training.resolve import resolve_config
+from viseg.training.tracking import check_store, finish_tracking, tracking_loggers
 from viseg.training.validation import validate_full_cases
 
 if TYPE_CHECKING:  # callbacks import Lightning: a config error must not wait for it (nor must --help)
@@ -197,7 +198,8 @@ def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progr
         accelerator=accelerator, devices=devices, precision=precision, max_epochs=cfg.trainer.max_epochs,
         limit_train_batches=cfg.trainer.iterations_per_epoch, limit_val_batches=cfg.trainer.val_iterations,
         gradient_clip_val=cfg.trainer.gradient_clip_val, num_sanity_val_steps=0, callbacks=callbacks,
-        logger=TensorBoardLogger(run_dir, name="tensorboard", version=""), enable_checkpointing=False,
+        logger=[TensorBoardLogger(run_dir, name="tensorboard", version=""), *tracking_loggers(cfg, run_dir)],
+        enable_checkpointing=False,
         enable_progress_bar=progress, enable_model_summary=False, deterministic=False, log_every_n_steps=1)
 
 
@@ -233,6 +235,7 @@ def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: Repo
     import lightning as L
 
     quiet_libraries()
+    check_store(cfg)  # tracking=mlflow|wandb: its package and store, before any work
     started = time.perf_counter()
     prepared = prepared or prepare(cfg, progress)
     run_dir = run_dir or run_dir_for(cfg, prepared)
@@ -261,4 +264,5 @@ def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: Repo
                                                   "mean_dice": validation["mean_dice"],
                                                   "seconds": time.perf_counter() - started,
                                                   "validation_seconds": validation_seconds})
+    finish_tracking(trainer, run_dir, validation)
     return result
