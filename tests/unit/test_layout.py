@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 # Imported inside functions on purpose: these pull in torch, Lightning, Ray, Hydra, scipy, nibabel or
 # matplotlib at import, and `--help` and config errors must not wait for them (see test_lazy_imports_only_...).
-HEAVY = ("torch", "lightning", "ray", "hydra", "scipy", "nibabel", "matplotlib", "optuna", "mlflow")
+HEAVY = ("torch", "lightning", "ray", "hydra", "scipy", "nibabel", "matplotlib", "optuna", "mlflow", "wandb")
 
 
 def module_name(path: Path) -> str:
