@@ -1,11 +1,16 @@
 """Which code trained a run: the viseg version, and for a source checkout its git commit, whether the tree
 was dirty and a hash of that diff. A run folder keeps the code it started with (`io/layout.CODE_VERSION`), so
-a continued run can say when the code changed under it, and results can be traced back to a commit."""
+a continued run can say when the code changed under it, and results can be traced back to a commit.
+
+A sweep's trials run a snapshot of the package (sweep/code_pin.py), which is no git checkout: the driver
+records the code version at launch and hands it to them in VISEG_CODE_VERSION."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +20,7 @@ from viseg import __version__
 
 log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
+CODE_VERSION_ENV = "VISEG_CODE_VERSION"  # a CodeVersion as JSON: the code this process runs, recorded elsewhere
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,25 @@ def _git(root: Path, *args: str) -> str | None:
     return result.stdout if result.returncode == 0 else None
 
 
-def code_version(package_dir: Path = PACKAGE_DIR) -> CodeVersion:
+def _pinned_version() -> CodeVersion | None:
+    text = os.environ.get(CODE_VERSION_ENV)
+    if not text:
+        return None
+    try:
+        return CodeVersion(**json.loads(text))
+    except (ValueError, TypeError):
+        log.warning("%s is not a code version (%.80s): asking git instead", CODE_VERSION_ENV, text)
+        return None
+
+
+def code_version(package_dir: Path | None = None) -> CodeVersion:
+    """The code of `package_dir`; by default this process's viseg, which VISEG_CODE_VERSION describes when set
+    (a sweep trial: its package folder is the launch's snapshot, and the launch's checkout may have moved on)."""
+    if package_dir is None:
+        pinned = _pinned_version()
+        if pinned is not None:
+            return pinned
+        package_dir = PACKAGE_DIR
     root = _git(package_dir, "rev-parse", "--show-toplevel")
     commit = _git(package_dir, "rev-parse", "HEAD") if root else None
     if not root or not commit:

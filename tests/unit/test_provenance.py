@@ -3,11 +3,14 @@ says when its code changed."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from viseg import __version__
-from viseg.provenance import code_changes, code_version
+from viseg.provenance import CODE_VERSION_ENV, PACKAGE_DIR, CodeVersion, code_changes, code_version
 
 
 def git(root: Path, *args: str) -> str:
@@ -50,3 +53,16 @@ def test_an_installed_package_has_a_version_but_no_commit(tmp_path: Path):
     installed = code_version(folder)
     assert (installed.version, installed.commit, installed.dirty) == (__version__, None, None)
     assert code_changes({**installed.to_dict(), "version": "0.0.1"}, installed) == [f"viseg 0.0.1 -> {__version__}"]
+
+
+def test_a_sweep_trial_records_the_code_version_its_driver_pinned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A trial runs a snapshot of the package (sweep/code_pin.py), no git checkout: VISEG_CODE_VERSION says
+    which code that is. A folder asked about by name is still asked about itself."""
+    pinned = CodeVersion(__version__, "0" * 40, False, None, str(tmp_path / "code" / "0123" / "viseg"))
+    monkeypatch.setenv(CODE_VERSION_ENV, json.dumps(pinned.to_dict()))
+    assert code_version() == pinned
+    root = checkout(tmp_path)
+    assert code_version(root / "viseg").commit == git(root, "rev-parse", "HEAD").strip()
+
+    monkeypatch.setenv(CODE_VERSION_ENV, '{"commit": "abc"}')  # not a whole CodeVersion: git answers
+    assert code_version().source == str(PACKAGE_DIR)

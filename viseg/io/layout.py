@@ -12,6 +12,7 @@ from pathlib import Path
 FINISHED_MARKER = "finished.json"  # written by train() last, after the validation summary
 RUN_CONFIG = "config.yaml"  # written once the run's data is ready: its presence makes a folder a run
 EXPERIMENT_RUNS = "runs"  # a sweep experiment's run folders: runs/<dataset>/<plan>/<variant>/fold_<k>
+CODE_SNAPSHOTS = "code"  # <experiment>/code/<content hash>/viseg: the package a sweep's trials run (sweep/code_pin)
 CODE_VERSION = "code.json"  # the code a run started with (viseg.provenance): version, commit, dirty flag
 TRAINING_LOG = "training_log.txt"  # one plain line per epoch, appended (nnU-Net's habit); a resume adds to it
 FOLD_DIR = re.compile(r"fold_(\d+)")

@@ -125,7 +125,7 @@ def _start(plan: SweepPlan) -> int:
         return resume(str(plan.experiment_dir))
     prepare_all(plan)
     save_state(plan)
-    init_ray()
+    init_ray(plan.experiment_dir)
     return _fit(plan, build_tuner(plan))
 
 
@@ -146,7 +146,7 @@ def resume(experiment: str) -> int:
 
     plan = load_state(Path(experiment))
     print(render_trials(plan))
-    init_ray()
+    init_ray(plan.experiment_dir)
     return _fit(plan, restore_tuner(plan))
 
 

@@ -10,6 +10,7 @@ from viseg.errors import ConfigError
 from viseg.io.jsonio import write_json_atomic
 from viseg.io.layout import EXPERIMENT_RUNS
 from viseg.noise import quiet_tune_driver, verbosity
+from viseg.sweep.code_pin import pin_code
 from viseg.sweep.console import error_message, make_console
 from viseg.sweep.driver import SweepPlan, max_epochs_by_variant
 from viseg.sweep.ray_state import ASIDE, UNTRUSTED, SweepTrials, set_aside_damaged_state, set_aside_untrusted_state
@@ -186,9 +187,14 @@ def record_errors(plan: SweepPlan, results: Any) -> list[dict[str, Any]]:
     return errors
 
 
-def init_ray() -> None:
-    """Join the cluster a job was submitted to (RAY_ADDRESS), else start a local Ray."""
+def init_ray(experiment_dir: Path) -> None:
+    """Join the cluster a job was submitted to (RAY_ADDRESS), else start a local Ray; either way the trials run
+    the code as it is now, snapshot into the experiment (sweep/code_pin.py), not whatever is checked out when
+    each of them starts."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    if ray.is_initialized():  # only in-process callers: the runtime_env is fixed when Ray starts
+        log.warning("Ray was started before the sweep: its trials import viseg as that Ray finds it, not pinned")
+        return
+    ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False,
+             runtime_env=pin_code(experiment_dir).runtime_env)
