@@ -299,6 +299,22 @@ class LoaderConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """How a run started from other weights (`init_from=`) adapts them. The first `freeze_encoder_epochs`
+    epochs train everything but the encoder (whose features the source learned on more data), at `lr` when
+    given (a warm-up for the new heads) instead of the schedule's; then all of it trains on the schedule."""
+
+    freeze_encoder_epochs: int = 0
+    lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.freeze_encoder_epochs < 0:
+            raise ConfigError(f"finetune.freeze_encoder_epochs={self.freeze_encoder_epochs} must be 0 or more")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"finetune.lr={self.lr} must be positive", fix="e.g. finetune.lr=1e-3, or leave it null")
+
+
+@dataclass
 class LossConfig:
     dice_weight: float = 1.0
     ce_weight: float = 1.0
@@ -354,10 +370,19 @@ class BaseConfig:
     num_classes: int | None = None  # derived: len(foreground_labels) + 1
 
     continue_from: str | None = None  # a run folder to resume (replaces ClearML's continue_task_id)
+    # a run folder or checkpoint whose weights start this new run (fine-tuning; training/init_weights.py)
+    init_from: str | None = None
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
         check_folder_name("name", self.name)
         self._check_fold()
+        if self.finetune.freeze_encoder_epochs and not self.init_from:
+            raise ConfigError("finetune.freeze_encoder_epochs freezes weights loaded by init_from=, which is not set",
+                              fix="add init_from=<run folder or checkpoint>, or drop finetune.*")
+        if self.finetune.lr is not None and not self.finetune.freeze_encoder_epochs:
+            raise ConfigError("finetune.lr is the learning rate of the frozen-encoder epochs, and there are none",
+                              fix="set finetune.freeze_encoder_epochs=N too, or change optimizer.lr instead")
         self._check_plan_values()
 
     def _check_fold(self) -> None:

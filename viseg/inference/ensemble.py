@@ -182,7 +182,7 @@ def checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
                       fix=f"train it (python -m viseg.train, or continue_from={run_dir}){alternative}")
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path) -> dict[str, Any]:
     import pickle
 
     import torch
@@ -199,7 +199,7 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def _run_config(checkpoint: dict[str, Any], path: Path) -> BaseConfig:
+def run_config(checkpoint: dict[str, Any], path: Path) -> BaseConfig:
     """The run's fully resolved config, as saved in its checkpoint."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -251,8 +251,8 @@ def _load_run(run_dir: Path, checkpoint: str) -> _LoadedRun:
 
     from viseg.planning.planner import CONFIGURATION_BY_DIM
     path = checkpoint_path(run_dir, checkpoint)
-    data = _load_checkpoint(path)
-    cfg = _run_config(data, path)
+    data = load_checkpoint(path)
+    cfg = run_config(data, path)
     plans = plans_from_dict(data["viseg"]["plans"], source=str(path))
     configuration = CONFIGURATION_BY_DIM[cfg.model.model_args.conv_dim]
     return _LoadedRun(run_dir, _network(plans, configuration, data, path), plans, configuration, cfg)

@@ -21,6 +21,7 @@ from viseg.io.jsonio import read_json, write_json_atomic
 from viseg.resources import conf_dir
 from viseg.sweep.spec import SearchAxis, SweepConfig, SweepRequest, parse_folds
 from viseg.sweep.trial import trial_config
+from viseg.training.init_weights import source_checkpoint
 from viseg.training.tracking import sweep_variant
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ def absolute_paths(cfg: BaseConfig) -> BaseConfig:
 
     from viseg.preprocessing.prepare import dataset_root
     cfg.paths.cache = str(Path(cfg.paths.cache).expanduser().resolve())
+    if cfg.init_from:
+        cfg.init_from = str(source_checkpoint(cfg.init_from).resolve())  # checked here, before Ray starts
     cfg.dataset.basepath = str(dataset_root(cfg, progress=False).resolve())
     return cfg
 

@@ -125,8 +125,9 @@ class TrainingLog(L.Callback):
 
     Must run after MetricsHistory, whose row of the epoch it formats."""
 
-    def __init__(self, run_dir: Path, history: MetricsHistory, echo: bool = False):
+    def __init__(self, run_dir: Path, history: MetricsHistory, echo: bool = False, notes: tuple[str, ...] = ()):
         self.path, self.history, self.echo = Path(run_dir) / TRAINING_LOG, history, echo
+        self.notes = notes  # said once before training starts (e.g. which weights init_from= loaded)
 
     def _write(self, text: str) -> None:
         line = f"{datetime.now().isoformat(sep=' ', timespec='seconds')}  {text}"
@@ -136,6 +137,8 @@ class TrainingLog(L.Callback):
             print(line, flush=True)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for note in self.notes:
+            self._write(note)
         start = "continuing at" if trainer.current_epoch else "training from"
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
         adopted = next((c.changes for c in trainer.callbacks if isinstance(c, AdoptOptimizerSettings)), [])
@@ -268,3 +271,39 @@ class EpochSeeder(L.Callback):
         datamodule = trainer.datamodule
         if hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(trainer.current_epoch)
+
+
+class FreezeEncoder(L.Callback):
+    """finetune.freeze_encoder_epochs / finetune.lr for a run started from other weights: for the first `epochs`
+    epochs the encoder's loaded parameters get no gradient (the optimizer then skips them, weight decay too), and
+    each optimizer step takes `lr` when given. The learning rate is swapped around the step only, so the
+    schedule (chained ones such as StepLR included) never sees it and goes on as if there were no warm-up."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter], epochs: int, lr: float | None):
+        self.parameters, self.epochs, self.lr = parameters, epochs, lr
+        self._scheduled: list[float] | None = None
+
+    def _frozen(self, trainer: L.Trainer) -> bool:
+        return trainer.current_epoch < self.epochs
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        frozen = self._frozen(trainer)
+        for parameter in self.parameters:
+            parameter.requires_grad_(not frozen)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.lr is None or not self._frozen(trainer) or not trainer.optimizers:
+            return
+        groups = trainer.optimizers[0].param_groups
+        self._scheduled = [group["lr"] for group in groups]
+        for group in groups:
+            group["lr"] = self.lr
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._scheduled is None:
+            return
+        for group, lr in zip(trainer.optimizers[0].param_groups, self._scheduled, strict=True):
+            group["lr"] = lr
+        self._scheduled = None

@@ -35,6 +35,7 @@ from viseg.preprocessing.prepare import PreparedDataset, prepare
 from viseg.preprocessing.preprocess import preprocess_dataset
 from viseg.provenance import code_changes, code_version
 from viseg.training.continue_run import is_started, own_prepared
+from viseg.training.init_weights import INIT_REPORT, InitReport, encoder_parameters, initialise_from, source_checkpoint
 from viseg.training.resolve import resolve_config
 from viseg.training.tracking import check_store, finish_tracking, tracking_loggers
 from viseg.training.validation import validate_full_cases
@@ -164,7 +165,8 @@ def build_module(cfg: BaseConfig, prepared: PreparedDataset) -> tuple[Any, tuple
     return module, augmentation_input_size(patch, cfg.augmentation, anisotropic)
 
 
-def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progress: bool) -> Any:
+def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progress: bool,
+                  extra_callbacks: tuple[Any, ...] = (), notes: tuple[str, ...] = ()) -> Any:
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -190,8 +192,8 @@ def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progr
     momentum = cfg.optimizer.momentum if cfg.optimizer.type == "SGD" else None
     # AdoptOptimizerSettings before TrainingLog: the start line then shows the learning rate trained with
     callbacks = [AdoptOptimizerSettings(cfg.optimizer.lr, cfg.optimizer.weight_decay, momentum), history,
-                 TrainingLog(run_dir, history, echo), RunCheckpoints(checkpoint_dir, config_yaml(cfg), plans),
-                 EpochSeeder()]
+                 TrainingLog(run_dir, history, echo, notes), RunCheckpoints(checkpoint_dir, config_yaml(cfg), plans),
+                 EpochSeeder(), *extra_callbacks]
     if report is not None:
         callbacks.append(ReportHook(report, history, checkpoint_dir))
     return L.Trainer(
@@ -201,6 +203,37 @@ def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progr
         logger=[TensorBoardLogger(run_dir, name="tensorboard", version=""), *tracking_loggers(cfg, run_dir)],
         enable_checkpointing=False,
         enable_progress_bar=progress, enable_model_summary=False, deterministic=False, log_every_n_steps=1)
+
+
+def _initial_weights(cfg: BaseConfig, module: Any, run_dir: Path, resume_from: Path | None) -> InitReport | None:
+    """init_from=: the source's weights into a new run's network, what was loaded kept in the run folder. A resumed
+    run has its own weights in its checkpoint; it only reads back what was loaded (for finetune's freezing)."""
+    if not cfg.init_from:
+        return None
+    path = run_dir / INIT_REPORT
+    if resume_from is not None:
+        return InitReport.from_dict(read_json(path)) if path.is_file() else None
+    started_from = initialise_from(module.network, cfg.init_from)
+    write_json_atomic(path, started_from.to_dict())
+    for line in started_from.lines():
+        log.info(line)
+    return started_from
+
+
+def _finetune_note(cfg: BaseConfig) -> list[str]:
+    epochs, lr = cfg.finetune.freeze_encoder_epochs, cfg.finetune.lr
+    if not epochs:
+        return []
+    return [f"encoder frozen for the first {epochs} epoch(s)" + (f", which train at lr {lr:g}" if lr else "")]
+
+
+def _finetune_callbacks(cfg: BaseConfig, module: Any, started_from: InitReport | None) -> tuple[Any, ...]:
+    from viseg.training.callbacks import FreezeEncoder
+
+    if not cfg.finetune.freeze_encoder_epochs:
+        return ()
+    return (FreezeEncoder(encoder_parameters(module.network, started_from), cfg.finetune.freeze_encoder_epochs,
+                          cfg.finetune.lr),)
 
 
 def _fit(trainer: Any, module: Any, datamodule: Any, resume_from: Path | None) -> None:
@@ -236,6 +269,8 @@ def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: Repo
 
     quiet_libraries()
     check_store(cfg)  # tracking=mlflow|wandb: its package and store, before any work
+    if cfg.init_from and resume_from is None:
+        source_checkpoint(cfg.init_from)  # a wrong init_from fails before any preprocessing
     started = time.perf_counter()
     prepared = prepared or prepare(cfg, progress)
     run_dir = run_dir or run_dir_for(cfg, prepared)
@@ -250,8 +285,11 @@ def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: Repo
     _write_run_files(run_dir, cfg, prepared)
     L.seed_everything(cfg.seed + cfg.fold, workers=True, verbose=False)
     module, input_size = build_module(cfg, prepared)
+    started_from = _initial_weights(cfg, module, run_dir, resume_from)
     datamodule = build_datamodule(cfg, prepared, folder, input_size)
-    trainer = build_trainer(cfg, run_dir, report, progress)
+    notes = [*started_from.lines(), *_finetune_note(cfg)] if started_from and resume_from is None else []
+    trainer = build_trainer(cfg, run_dir, report, progress, _finetune_callbacks(cfg, module, started_from),
+                            tuple(notes))
     _fit(trainer, module, datamodule, resume_from)
     validation_started = time.perf_counter()
     validation = validate_full_cases(module.network, cfg, prepared, folder, run_dir, progress)
