@@ -5,6 +5,7 @@
     viseg train    train one fold into a run folder (or continue_from=<run folder>)
     viseg predict  predict images with a run, an ensemble or a sweep's best
     viseg evaluate score predicted label maps against references
+    viseg export-model  trained runs as one model.zip to share (predict model=model.zip, init_from=model.zip)
     viseg sweep    folds x variants as Ray Tune trials; resume, summary, best, cross-validation
     viseg demo     write the built-in demo dataset
 
@@ -33,12 +34,14 @@ def _command(name: str) -> Callable[[list[str]], Any]:
         from viseg.evaluate import main
     elif name == "sweep":
         from viseg.sweep.__main__ import main
+    elif name == "export-model":
+        from viseg.export_model import main
     else:
         from viseg.demo import main
     return main
 
 
-COMMANDS = ("verify", "plan", "train", "predict", "evaluate", "sweep", "demo")
+COMMANDS = ("verify", "plan", "train", "predict", "evaluate", "sweep", "export-model", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:

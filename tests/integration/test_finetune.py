@@ -1,11 +1,16 @@
-"""init_from= on real runs: a new run starts from another run's weights, heads re-initialised where the class
-count differs, the encoder optionally frozen; a sweep varies the fine-tuning settings from one source."""
+"""Bringing models: init_from= starts a new run from another run's weights (heads re-initialised where the class
+count differs, the encoder optionally frozen), a sweep varies the fine-tuning settings from one source, and
+export-model makes one file of a run that predicts as the run does and is refused when changed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +18,7 @@ from tests.helpers import compose_typed
 from tests.sweep_runs import run_folders, sweep
 from viseg.data.demo import DemoSpec, generate_demo_dataset
 from viseg.errors import ConfigError
+from viseg.export_model import main as export_main
 from viseg.training.train import train
 
 pytestmark = pytest.mark.slow
@@ -101,3 +107,63 @@ def test_a_sweep_varies_the_finetuning_settings_from_one_source(demo: Path, sour
         after = network_weights(run / "checkpoints" / "last.ckpt")
         unchanged = all(torch.equal(after[k], theirs[k]) for k in after if k.startswith("encoder.stages.1."))
         assert unchanged == (frozen == 2), name  # frozen for both epochs, or trained in the second
+
+
+def _predict(model: str, images: Path, output: Path) -> dict[str, bytes]:
+    from viseg.config import PredictConfig
+    from viseg.predict import predict_command
+
+    cfg = PredictConfig(model=model, input=str(images), output=str(output), mirror=False, device="cpu")
+    assert predict_command(cfg, progress=False) == 0
+    import nibabel as nib
+
+    return {p.name: np.asarray(nib.load(p).dataobj).tobytes() for p in sorted(output.glob("*.nii.gz"))}
+
+
+def test_an_exported_model_predicts_as_its_run_folder_and_a_tampered_one_is_refused(demo: Path, source: Path,
+                                                                                   tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where predict unpacks archives
+    archive = tmp_path / "model.zip"
+    assert export_main([str(source), str(archive)]) == 0
+    with zipfile.ZipFile(archive) as opened:
+        names = set(opened.namelist())
+        manifest = json.loads(opened.read("manifest.json"))
+    assert {"fold_0/plans.json", "fold_0/dataset.json", "fold_0/config.yaml", "fold_0/checkpoints/last.ckpt",
+            "manifest.json"} <= names
+    assert set(manifest["sha256"]) == names - {"manifest.json"} and manifest["checkpoint"] == "final"
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for case in ("demo_000", "demo_001"):
+        (images / f"{case}_0000.nii.gz").symlink_to(demo / "imagesTr" / f"{case}_0000.nii.gz")
+    from_run = _predict(str(source), images, tmp_path / "from_run")
+    from_zip = _predict(str(archive), images, tmp_path / "from_zip")
+    assert len(from_run) == 2 and from_zip == from_run
+    # init_from= takes the archive too: the same weights as the run's own final checkpoint
+    from viseg.training.init_weights import source_checkpoint
+
+    assert network_weights(source_checkpoint(str(archive))).keys() == network_weights(
+        source / "checkpoints" / "last.ckpt").keys()
+
+    def rewritten(target: Path, change) -> Path:
+        with zipfile.ZipFile(archive) as original, zipfile.ZipFile(target, "w") as copy:
+            entries = {name: original.read(name) for name in original.namelist()}
+            for name, data in change(entries).items():
+                copy.writestr(name, data)
+        return target
+
+    def tamper(entries: dict[str, bytes]) -> dict[str, bytes]:
+        entries["fold_0/config.yaml"] += b"\n# changed\n"
+        return entries
+
+    def escape(entries: dict[str, bytes]) -> dict[str, bytes]:
+        manifest = json.loads(entries["manifest.json"])
+        manifest["sha256"]["../outside.txt"] = hashlib.sha256(b"x").hexdigest()
+        return {**entries, "manifest.json": json.dumps(manifest).encode(), "../outside.txt": b"x"}
+
+    for change, why in ((tamper, "does not match its sha256"), (escape, "outside the model's folder")):
+        bad = rewritten(tmp_path / f"{change.__name__}.zip", change)
+        with pytest.raises(ConfigError) as error:
+            _predict(str(bad), images, tmp_path / change.__name__)
+        assert why in error.value.message and str(bad) in error.value.message
+        assert not (tmp_path / "outside.txt").exists() and not (tmp_path / change.__name__).exists()

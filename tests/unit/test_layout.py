@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("training", ("viseg.training",)),
     ("sweep", ("viseg.sweep",)),
     ("commands", ("viseg.train", "viseg.plan", "viseg.verify", "viseg.predict", "viseg.evaluate", "viseg.demo",
-                  "viseg.sweep.__main__", "viseg.__main__")),
+                  "viseg.export_model", "viseg.sweep.__main__", "viseg.__main__")),
 )
 # Imported inside functions on purpose: these pull in torch, Lightning, Ray, Hydra, scipy, nibabel or
 # matplotlib at import, and `--help` and config errors must not wait for them (see test_lazy_imports_only_...).

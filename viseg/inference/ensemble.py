@@ -19,6 +19,7 @@ from viseg.errors import ConfigError
 from viseg.io.jsonio import read_json
 from viseg.io.layout import EXPERIMENT_RUNS, FINISHED_MARKER, WEIGHTS, WEIGHTS_HELP, is_run_dir, weights_file
 from viseg.io.layout import experiment_variants as layout_variants
+from viseg.io.model_archive import is_archive, open_archive
 from viseg.planning.plans import Plans, plans_from_dict
 
 if TYPE_CHECKING:
@@ -86,12 +87,17 @@ class Ensemble:
 
 
 def resolve_model(model: str, variant: str | None = None) -> ModelSelection:
-    """Run folders named by `model=`: one run folder, a comma list of them, or an experiment + variant."""
+    """Run folders named by `model=`: one run folder, a comma list of them, an experiment + variant, or a
+    model.zip of viseg export-model."""
     paths = [Path(p.strip()).expanduser() for p in model.split(",") if p.strip()]
     if not paths:
         raise ConfigError("model= is empty", fix="pass a run folder, a comma list of them, or an experiment folder")
     if len(paths) == 1 and not is_run_dir(paths[0]) and (paths[0] / EXPERIMENT_RUNS).is_dir():
         return _experiment_selection(paths[0], variant)
+    if len(paths) == 1 and is_archive(paths[0]):  # viseg export-model's one file: checked, then unpacked
+        opened = open_archive(paths[0])
+        post = Postprocessing.load(opened.postprocessing) if opened.postprocessing else None
+        return ModelSelection(opened.run_dirs, post)
     if variant is not None:
         raise ConfigError(f"variant={variant} applies to a sweep experiment folder, but model= names run folders",
                           fix="drop variant=, or pass the experiment folder as model=")

@@ -6,8 +6,9 @@ the first convolution (another number of input channels). Anything else that dif
 which no fine-tuning can bridge: the error names the first stage that differs and the plan values that would
 make it match. Epoch, optimizer, schedule and EMA start afresh (continue_from= is the way to go on with a run).
 
-Sources: a viseg run folder (its final weights, or its latest with an explicit `.../checkpoints/last.ckpt`) or
-a viseg checkpoint file, loaded with `weights_only=True` like every checkpoint viseg reads.
+Sources: a viseg run folder (its final weights, or its latest with an explicit `.../checkpoints/last.ckpt`),
+a viseg checkpoint file or a model.zip of `viseg export-model` (its first run), loaded with `weights_only=True`
+like every checkpoint viseg reads.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from viseg.config import BaseConfig
 from viseg.errors import ConfigError
 from viseg.inference.ensemble import checkpoint_path, load_checkpoint, run_config
 from viseg.io.layout import CHECKPOINTS_DIR
+from viseg.io.model_archive import is_archive, open_archive
 
 HEAD = re.compile(r"(^|\.)seg_layers\.\d+\.")  # dynamic-network-architectures' segmentation heads
 STAGE = re.compile(r"^(encoder|decoder)\.(stages|transpconvs)\.(\d+)")
@@ -54,6 +56,9 @@ class InitReport:
 def source_checkpoint(init_from: str) -> Path:
     """The checkpoint file `init_from` names: a run folder's final weights, or the file itself."""
     path = Path(init_from).expanduser()
+    if is_archive(path):  # a model.zip: its first run's weights
+        opened = open_archive(path)
+        return checkpoint_path(opened.run_dirs[0], opened.checkpoint)
     if path.is_dir():
         if not (path / CHECKPOINTS_DIR).is_dir():
             raise ConfigError(f"init_from={init_from} is not a viseg run folder (no {CHECKPOINTS_DIR}/)",
