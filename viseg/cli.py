@@ -36,6 +36,19 @@ def user_error(exc: BaseException) -> VisegError | None:
     return None
 
 
+def exit_status(command: str, run: Callable[[], int]) -> int:
+    """`run()`'s status, or 2 with `viseg <command>: error: ...` (the fix included) for the user's errors; any
+    other exception is a bug and keeps its traceback."""
+    try:
+        return run()
+    except Exception as exc:
+        error = user_error(exc)
+        if error is None:
+            raise
+        print(f"viseg {command}: error: {error}", file=sys.stderr)
+        return 2
+
+
 def unknown_keys(node: Any, prefix: str = "") -> list[str]:
     """Keys of a composed config that its schema does not define. Hydra's `+key=value` appends them past
     the struct flag and `OmegaConf.to_object` would set them as stray attributes, so a misspelt key, or a

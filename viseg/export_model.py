@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from viseg.cli import configure_logging, user_error
+from viseg.cli import configure_logging, exit_status
 from viseg.errors import ConfigError
 from viseg.inference.ensemble import checkpoint_path, resolve_model
 from viseg.io.layout import WEIGHTS, WEIGHTS_HELP
@@ -46,18 +46,14 @@ def main(argv: list[str] | None = None) -> int:
               "(viseg export-model --help)", file=sys.stderr)
         return 2
     configure_logging()
-    try:
-        manifest = export(positional[0], Path(positional[1]), options.get("variant"),
-                          options.get("checkpoint", "final"))
-    except Exception as exc:
-        error = user_error(exc)
-        if error is None:
-            raise
-        print(f"viseg export-model: error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {positional[1]}: {len(manifest['runs'])} run(s) ({', '.join(manifest['runs'])}), "
+    return exit_status("export-model", lambda: _export_and_say(positional[0], Path(positional[1]), options))
+
+
+def _export_and_say(source: str, target: Path, options: dict[str, str]) -> int:
+    manifest = export(source, target, options.get("variant"), options.get("checkpoint", "final"))
+    print(f"wrote {target}: {len(manifest['runs'])} run(s) ({', '.join(manifest['runs'])}), "
           f"{manifest['checkpoint']} weights" + (", with postprocessing" if manifest["postprocessing"] else ""))
-    print(f"predict with: viseg predict model={positional[1]} input=<folder> output=<folder>")
+    print(f"predict with: viseg predict model={target} input=<folder> output=<folder>")
     return 0
 
 

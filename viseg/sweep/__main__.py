@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from viseg.cli import configure_logging, quote_values, user_error
+from viseg.cli import configure_logging, exit_status, quote_values
 from viseg.resources import sweeps_dir
 from viseg.sweep.commands import run
 
@@ -92,14 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     configure_logging()
-    try:
-        return run(quote_values(_normalise_args(args), PATH_SETTINGS), sweeps_dir())
-    except Exception as exc:
-        error = user_error(exc)
-        if error is None:
-            raise
-        print(f"viseg sweep: error: {error}", file=sys.stderr)
-        return 2
+    return exit_status("sweep", lambda: run(quote_values(_normalise_args(args), PATH_SETTINGS), sweeps_dir()))
 
 
 if __name__ == "__main__":
