@@ -57,6 +57,10 @@ def writes_file_at_import(folder: Path, name: str) -> str:
             f"_Path({str(folder)!r}, {name}).write_text(__file__)\n")
 
 
+def published(experiment: Path) -> list[Path]:
+    return [p for p in (experiment / CODE_SNAPSHOTS).glob("*/viseg") if not p.parent.name.startswith(".")]
+
+
 @pytest.mark.slow
 def test_a_change_during_the_sweep_reaches_no_trial_and_code_json_names_the_launch(tmp_path: Path):
     imports, marker = tmp_path / "imports", tmp_path / "changed_code_ran"
@@ -77,7 +81,8 @@ def test_a_change_during_the_sweep_reaches_no_trial_and_code_json_names_the_laun
     try:
         # The change lands as soon as the snapshot exists, before the first trial's worker imports viseg. Later
         # is no stricter: a grid's trials share one reused worker, which never re-reads a module it imported.
-        wait_for(lambda: any((experiment / CODE_SNAPSHOTS).glob("*/viseg")), process, timeout=300, what="the snapshot")
+        # (published snapshots only: pathlib's glob also matches the hidden folder the copy is staged in)
+        wait_for(lambda: bool(published(experiment)), process, timeout=300, what="the snapshot")
         with open(checkout / "viseg" / "sweep" / "trial.py", "a") as module:
             module.write(writes_file_at_import(marker.parent, repr(marker.name)))
         output, _ = process.communicate(timeout=600)
@@ -91,7 +96,7 @@ def test_a_change_during_the_sweep_reaches_no_trial_and_code_json_names_the_laun
     assert Path(origins.pop(process.pid)).is_relative_to(checkout)  # the driver: the checkout it started from
     assert origins, "no trial worker imported viseg.sweep.trial"
     assert not [p for p in origins.values() if Path(p).is_relative_to(checkout)], origins
-    (snapshot,) = (experiment / CODE_SNAPSHOTS).glob("*/viseg")
+    (snapshot,) = published(experiment)
     assert (snapshot / "conf" / "anatomy_config.yaml").is_file() and (snapshot / "sweeps" / "demo.yaml").is_file()
     assert not list(snapshot.rglob("__pycache__"))
 
