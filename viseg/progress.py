@@ -79,11 +79,11 @@ def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "case"
     return PlainProgress(total, desc, unit, stream, every_s)
 
 
-def track(items: Iterable[T], desc: str, enabled: bool = True, unit: str = "case", total: int | None = None,
-          stream: IO[str] | None = None, every_s: float = PLAIN_EVERY_S) -> Iterator[T]:
+def track(items: Iterable[T], desc: str, enabled: bool = True, unit: str = "case", stream: IO[str] | None = None,
+          every_s: float = PLAIN_EVERY_S) -> Iterator[T]:
     """`for x in track(items, "Predicting"):` with the bar of `progress_bar`."""
-    items = list(items) if total is None else items
-    bar = progress_bar(total if total is not None else len(items), desc, enabled, unit, stream, every_s)
+    items = list(items)
+    bar = progress_bar(len(items), desc, enabled, unit, stream, every_s)
     try:
         for item in items:
             yield item
