@@ -55,8 +55,8 @@ def test_a_lesion_run_starts_from_an_anatomy_run_with_its_heads_reinitialised(de
 
     real = train_module.initialise_from
 
-    def spy(network, init_from):  # the network as fine-tuning starts, before any step
-        report = real(network, init_from)
+    def spy(network, *source):  # the network as fine-tuning starts, before any step
+        report = real(network, *source)
         seen["start"] = {k: v.detach().clone() for k, v in network.state_dict().items()}
         return report
 

@@ -68,8 +68,9 @@ def absolute_paths(cfg: BaseConfig) -> BaseConfig:
 
     from viseg.preprocessing.prepare import dataset_root
     cfg.paths.cache = str(Path(cfg.paths.cache).expanduser().resolve())
-    if cfg.init_from:
-        cfg.init_from = str(source_checkpoint(cfg.init_from).resolve())  # checked here, before Ray starts
+    if cfg.init_from:  # checked here, before Ray starts; kept as named (a zip's unpacked copy is this node's own)
+        source_checkpoint(cfg.init_from)
+        cfg.init_from = str(Path(cfg.init_from).expanduser().resolve())
     cfg.dataset.basepath = str(dataset_root(cfg, progress=False).resolve())
     return cfg
 

@@ -95,9 +95,9 @@ def _match_fix(source_cfg: BaseConfig | None) -> str:
             + " ".join(v for v in values if v))
 
 
-def initialise_from(network: Any, init_from: str) -> InitReport:
-    """Load what fits of `init_from` into `network`, in place; refuse another topology."""
-    path = source_checkpoint(init_from)
+def initialise_from(network: Any, path: Path, init_from: str) -> InitReport:
+    """Load what fits of the checkpoint `path` (found by `source_checkpoint(init_from)`) into `network`, in
+    place; refuse another topology."""
     source, source_cfg = _source_state(path)
     target = network.state_dict()
     first_conv = next(value for value in target.values() if value.ndim >= 3)

@@ -205,15 +205,16 @@ def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progr
         enable_progress_bar=progress, enable_model_summary=False, deterministic=False, log_every_n_steps=1)
 
 
-def _initial_weights(cfg: BaseConfig, module: Any, run_dir: Path, resume_from: Path | None) -> InitReport | None:
-    """init_from=: the source's weights into a new run's network, what was loaded kept in the run folder. A resumed
-    run has its own weights in its checkpoint; it only reads back what was loaded (for finetune's freezing)."""
+def _initial_weights(cfg: BaseConfig, module: Any, run_dir: Path, source: Path | None) -> InitReport | None:
+    """init_from=: the source checkpoint's weights into a new run's network, what was loaded kept in the run
+    folder. A resumed run (no `source`) has its own weights in its checkpoint; it only reads back what was loaded
+    (for finetune's freezing)."""
     if not cfg.init_from:
         return None
     path = run_dir / INIT_REPORT
-    if resume_from is not None:
+    if source is None:
         return InitReport.from_dict(read_json(path)) if path.is_file() else None
-    started_from = initialise_from(module.network, cfg.init_from)
+    started_from = initialise_from(module.network, source, cfg.init_from)
     write_json_atomic(path, started_from.to_dict())
     for line in started_from.lines():
         log.info(line)
@@ -269,8 +270,8 @@ def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: Repo
 
     quiet_libraries()
     check_store(cfg)  # tracking=mlflow|wandb: its package and store, before any work
-    if cfg.init_from and resume_from is None:
-        source_checkpoint(cfg.init_from)  # a wrong init_from fails before any preprocessing
+    # init_from= of a new run: its checkpoint found (a model.zip checked and unpacked) once, before any work
+    source = source_checkpoint(cfg.init_from) if cfg.init_from and resume_from is None else None
     started = time.perf_counter()
     prepared = prepared or prepare(cfg, progress)
     run_dir = run_dir or run_dir_for(cfg, prepared)
@@ -285,9 +286,9 @@ def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: Repo
     _write_run_files(run_dir, cfg, prepared)
     L.seed_everything(cfg.seed + cfg.fold, workers=True, verbose=False)
     module, input_size = build_module(cfg, prepared)
-    started_from = _initial_weights(cfg, module, run_dir, resume_from)
+    started_from = _initial_weights(cfg, module, run_dir, source)
     datamodule = build_datamodule(cfg, prepared, folder, input_size)
-    notes = [*started_from.lines(), *_finetune_note(cfg)] if started_from and resume_from is None else []
+    notes = [*started_from.lines(), *_finetune_note(cfg)] if started_from and source is not None else []
     trainer = build_trainer(cfg, run_dir, report, progress, _finetune_callbacks(cfg, module, started_from),
                             tuple(notes))
     _fit(trainer, module, datamodule, resume_from)
