@@ -5,7 +5,7 @@ dataset.json, splits.json, finished.json and the chosen checkpoint), next to the
 selection, if any, and `manifest.json`: the format, the checkpoint chosen, the code that trained the runs and
 the sha256 of every other entry. Opening an archive checks it before anything is used: an entry the manifest
 does not list, one whose sum differs, a link, or a name that would land outside the target folder (absolute,
-`..`) refuses the whole archive. It is unpacked once per content into a folder named by the archive's own sum;
+`..`) refuses the whole archive. It is unpacked once per content into a folder named by its manifest's sum;
 the checkpoints inside are still loaded with `weights_only=True` like any other.
 """
 
@@ -35,7 +35,6 @@ UNPACKED_DIR = "viseg-models"  # under the system's temporary folder: <sum of th
 
 @dataclass(frozen=True)
 class OpenedArchive:
-    folder: Path  # the unpacked archive
     run_dirs: tuple[Path, ...]
     checkpoint: str  # which of WEIGHTS the runs carry
     postprocessing: Path | None
@@ -85,7 +84,8 @@ def _safe_name(name: str) -> bool:
     return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name and ":" not in name
 
 
-def _read_checked(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+def _read_checked(path: Path) -> tuple[bytes, dict[str, Any], dict[str, bytes]]:
+    """The manifest (raw and parsed) and every entry it lists, each checked against its sum."""
     try:
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:
@@ -99,8 +99,9 @@ def _read_checked(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
                 raise _refuse(path, f"its entry {info.filename!r} is a link")
         if MANIFEST not in archive.namelist():
             raise _refuse(path, f"it has no {MANIFEST}")
+        raw = archive.read(MANIFEST)
         try:
-            manifest = json.loads(archive.read(MANIFEST))
+            manifest = json.loads(raw)
         except ValueError as exc:
             raise _refuse(path, f"its {MANIFEST} is not JSON ({exc})") from None
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
@@ -121,17 +122,17 @@ def _read_checked(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
             if _sha256(data) != expected:
                 raise _refuse(path, f"{name} does not match its sha256 in the manifest (changed after export)")
             contents[name] = data
-    return manifest, contents
+    return raw, manifest, contents
 
 
-def open_archive(path: Path, unpack_root: Path | None = None) -> OpenedArchive:
-    """Check `path` and unpack it (once per content) into `<unpack_root>/<sum>/`; the run folders inside."""
+def open_archive(path: Path) -> OpenedArchive:
+    """Check `path` and unpack it, once per content, into `<temporary folder>/viseg-models/<sum>/`; the run
+    folders inside. The sum is the manifest's, which holds every entry's: the archive is read only once."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model archive {path} does not exist", fix="pass the .zip written by viseg export-model")
-    manifest, contents = _read_checked(path)
-    digest = _sha256(path.read_bytes())[:16]
-    root = (unpack_root or Path(tempfile.gettempdir()) / UNPACKED_DIR) / digest
+    raw, manifest, contents = _read_checked(path)
+    root = Path(tempfile.gettempdir()) / UNPACKED_DIR / _sha256(raw)[:16]
     if not root.is_dir():
         root.parent.mkdir(parents=True, exist_ok=True)
         stage = temporary_name(root)
@@ -149,7 +150,7 @@ def open_archive(path: Path, unpack_root: Path | None = None) -> OpenedArchive:
             shutil.rmtree(stage, ignore_errors=True)
     runs = tuple(root / name for name in manifest["runs"])
     post = root / manifest["postprocessing"] if manifest.get("postprocessing") else None
-    return OpenedArchive(root, runs, str(manifest["checkpoint"]), post)
+    return OpenedArchive(runs, str(manifest["checkpoint"]), post)
 
 
 def is_archive(path: Path) -> bool:

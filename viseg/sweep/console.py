@@ -19,7 +19,6 @@ from typing import IO, Any
 
 from viseg.progress import format_duration, is_terminal
 
-log = logging.getLogger(__name__)
 EMA_METRIC = "val/ema_pseudo_dice"
 FINAL_DICE = "final/mean_dice"
 STATUS_WORDS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "TERMINATED": "finished",
