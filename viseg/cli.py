@@ -140,6 +140,23 @@ def quote_values(argv: list[str], keys: tuple[str, ...]) -> list[str]:
     return quoted
 
 
+# Keys the command line spells otherwise than the schema: `from` is a Python keyword, so no dataclass field can
+# be named plan.from, which is what users of nnU-Net's "transfer the plans" step look for.
+KEY_ALIASES = {"plan.from": "plan.from_model"}
+
+
+def with_key_aliases(argv: list[str]) -> list[str]:
+    """Overrides with each alias replaced by the schema's key (`+`/`++`/`~` prefixes kept)."""
+    out = []
+    for arg in argv:
+        body = arg.lstrip("+~")
+        key, sep, value = body.partition("=")
+        if key in KEY_ALIASES:
+            arg = f"{arg[:len(arg) - len(body)]}{KEY_ALIASES[key]}{sep}{value}"
+        out.append(arg)
+    return out
+
+
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
 
@@ -178,7 +195,8 @@ def run_app(task: Task, app: str, argv: list[str] | None = None, config_name: st
     (register or register_configs)()
     # hydra.main reads its arguments from sys.argv alone: set them for the call, then put the caller's back
     caller_argv = sys.argv
-    sys.argv = with_app_help([caller_argv[0], *argv] if argv is not None else list(caller_argv), app)
+    given = [caller_argv[0], *argv] if argv is not None else list(caller_argv)
+    sys.argv = with_app_help([given[0], *with_key_aliases(given[1:])], app)
     try:
         _run_task(task, app, config_name)
     finally:

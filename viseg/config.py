@@ -187,6 +187,9 @@ class PlannerConfig:
     gpu_memory_gb: float = 8.0  # nnU-Net's reference target; raise it like the ResEnc L/XL presets
     # first-stage features (doubling per stage, capped); null: the architecture's own, nnU-Net's 32
     base_num_features: int | None = None
+    # plan.from=<run folder | nnU-Net model folder | nnU-Net plans .json>: plan this dataset with that plan
+    # (planning.transfer). Stored as from_model since `from` is a Python keyword; the command line takes both.
+    from_model: str | None = None
 
     def __post_init__(self) -> None:
         if not self.gpu_memory_gb > 0:
@@ -450,8 +453,9 @@ class PredictConfig:
     folder carries itself. `model` and `input` take comma lists as one string (the command line quotes
     them, since Hydra would read an unquoted `a,b` as a sweep)."""
 
-    model: str = MISSING  # a run folder, a comma list of run folders, or a sweep experiment folder
+    model: str = MISSING  # run folder(s), a sweep experiment folder, a model.zip or an nnU-Net model folder
     variant: str | None = None  # with an experiment folder: the variant whose finished folds form the ensemble
+    folds: str | None = None  # with an experiment or an nnU-Net model folder: which folds (e.g. 0,1,2; all folds)
     input: str = MISSING  # a folder of <case>_<XXXX>.nii.gz files, or a comma list of files
     output: str = MISSING  # folder for <case>.nii.gz (and <case>.npz with save_probabilities)
     checkpoint: str = "final"  # final (end of training), best (moving-average pseudo-Dice) or last: WEIGHTS

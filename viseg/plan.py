@@ -42,6 +42,12 @@ def render_plan(plans: Plans, selected: str) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _planned_by(planner: dict) -> str:
+    if "plan_from" in planner:  # planning.transfer: another model's plan
+        return f"plan from          {planner['plan_from']} ({planner['plan_from_kind']}, {planner['architecture']})"
+    return f"GPU memory target  {planner['gpu_memory_gb']:g} GB ({planner['architecture']})"
+
+
 def summary(prepared: PreparedDataset) -> str:
     plans, fp = prepared.plans, prepared.fingerprint
     labels = ", ".join(f"{name}={value}" for name, value in plans.labels.items())
@@ -52,7 +58,7 @@ def summary(prepared: PreparedDataset) -> str:
         f"fingerprint        {'reused from cache' if prepared.fingerprint_reused else 'extracted'}",
         f"median spacing     {_fmt(plans.original_median_spacing_after_transp)} mm (after transpose)",
         f"median shape       {_fmt(plans.original_median_shape_after_transp)} (after crop and transpose)",
-        f"GPU memory target  {plans.planner['gpu_memory_gb']:g} GB ({plans.planner['architecture']})",
+        _planned_by(plans.planner),
         f"transpose          forward {list(plans.transpose_forward)}, backward {list(plans.transpose_backward)}",
         "",
         render_plan(plans, prepared.configuration),

@@ -1,8 +1,8 @@
 """`python -m viseg.predict`: sliding-window inference with fold ensembles, written as NIfTI.
 
-    python -m viseg.predict model=<run folder | run,run,... | experiment folder> [variant=<name>]
-        input=<folder | file,file,...> output=<folder> [checkpoint=final|best|last] [mirror=true] [step=0.5]
-        [batch_size=2] [save_probabilities=false] [device=auto]
+    python -m viseg.predict model=<run folder | run,run,... | experiment folder | model.zip | nnU-Net model folder>
+        [variant=<name>] [folds=0,1,2,3,4] input=<folder | file,file,...> output=<folder>
+        [checkpoint=final|best|last] [mirror=true] [step=0.5] [batch_size=2] [save_probabilities=false] [device=auto]
 
 Per case: the same `preprocess_case` as training -> `predict_volume` per network (Gaussian-weighted sliding
 window, test-time mirroring along the axes training mirrored) -> softmax averaged over the ensemble ->
@@ -33,13 +33,15 @@ from viseg.io.layout import describe_weights
 
 log = logging.getLogger(__name__)
 PATH_KEYS = ("model", "input", "output", "postprocessing")
+QUOTED_KEYS = (*PATH_KEYS, "folds")  # folds=0,1,2 is one value, not a Hydra sweep over folds
 
 
 def _describe(ensemble: Ensemble, cfg: PredictConfig, postprocessing: Postprocessing | None) -> None:
     runs = "\n".join(f"  {d}" for d in ensemble.run_dirs)
     mirror = list(ensemble.mirror_axes) if cfg.mirror and ensemble.mirror_axes else "off"
     log.info("ensemble of %d run(s), %s, %s configuration, predicting labels %s:\n%s", len(ensemble.run_dirs),
-             describe_weights(cfg.checkpoint), ensemble.configuration, list(ensemble.label_values[1:]), runs)
+             describe_weights(cfg.checkpoint, ensemble.weights_file), ensemble.configuration,
+             list(ensemble.label_values[1:]), runs)
     log.info("device %s, mirror axes %s, step %s, postprocessing %s", ensemble.device, mirror, cfg.step,
              f"{postprocessing.source} (largest component of {list(postprocessing.largest_component_labels)})"
              if postprocessing else "none")
@@ -59,7 +61,7 @@ def _print_report(report: PredictionReport, output: Path) -> int:
 
 def predict_command(cfg: PredictConfig, progress: bool = True) -> int:
     """`python -m viseg.predict`: 0 when every case was predicted, 1 when some failed."""
-    selection = resolve_model(cfg.model, cfg.variant)
+    selection = resolve_model(cfg.model, cfg.variant, cfg.folds, cfg.checkpoint)
     if cfg.postprocessing:  # explicit (e.g. an ensemble chosen by best=): wins over what sits beside the runs
         selection = replace(selection, postprocessing=Postprocessing.load(Path(cfg.postprocessing).expanduser()))
     ensemble = load_ensemble(selection.run_dirs, cfg.checkpoint, cfg.device)
@@ -74,7 +76,7 @@ def predict_command(cfg: PredictConfig, progress: bool = True) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_app(predict_command, app="predict", argv=quote_values(sys.argv[1:] if argv is None else argv, PATH_KEYS),
+    run_app(predict_command, app="predict", argv=quote_values(sys.argv[1:] if argv is None else argv, QUOTED_KEYS),
             config_name="predict", register=register_predict_configs)
 
 

@@ -90,6 +90,7 @@ def test_another_topology_is_refused_naming_the_stage_and_the_plan_values(demo: 
     with pytest.raises(ConfigError) as error:
         train(cfg, progress=False)
     assert "stage" in error.value.message and "patch_size=[16,32,32]" in error.value.fix
+    assert f"plan.from={source}" in error.value.fix
     assert not list((tmp_path / "results").rglob("checkpoints/*.ckpt"))
 
 

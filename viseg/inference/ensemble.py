@@ -1,9 +1,10 @@
 """Trained runs -> an ensemble of networks that share one plan, ready for `viseg.predict`.
 
-`model=` takes a run folder (it holds config.yaml), a comma list of run folders, or a sweep experiment folder
+`model=` takes a run folder (it holds config.yaml), a comma list of run folders, a sweep experiment folder
 (`<experiment>/runs/<dataset>/<plan>/<variant>/fold_<k>/`), whose finished folds of one variant form the
-ensemble. Everything is read from the checkpoints themselves (their config and plan travel with the
-weights), loaded with `torch.load(weights_only=True)`: a checkpoint is data, never code.
+ensemble, a model.zip of `viseg export-model`, or a trained nnU-Net v2 model folder (`inference.nnunet_model`).
+Everything is read from the checkpoints themselves (their config and plan travel with the weights; an nnU-Net
+model's plan is its plans.json), loaded with `torch.load(weights_only=True)`: a checkpoint is data, never code.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from viseg.cli import to_typed
 from viseg.config import BaseConfig
 from viseg.errors import ConfigError
+from viseg.inference import nnunet_model
 from viseg.io.jsonio import read_json
 from viseg.io.layout import EXPERIMENT_RUNS, FINISHED_MARKER, WEIGHTS, WEIGHTS_HELP, is_run_dir, weights_file
 from viseg.io.layout import experiment_variants as layout_variants
@@ -73,6 +75,7 @@ class Ensemble:
     device: torch.device
     pathfinder: str  # the layout the runs were trained on: how input files name their channels
     file_ending: str
+    weights_file: str = ""  # where the chosen weights are, relative to each run folder (for the log)
 
     @property
     def num_classes(self) -> int:
@@ -86,26 +89,42 @@ class Ensemble:
 # -- model= -> run folders ------------------------------------------------------------------------------
 
 
-def resolve_model(model: str, variant: str | None = None) -> ModelSelection:
-    """Run folders named by `model=`: one run folder, a comma list of them, an experiment + variant, or a
-    model.zip of viseg export-model."""
+def resolve_model(model: str, variant: str | None = None, folds: str | None = None,
+                  checkpoint: str = "final") -> ModelSelection:
+    """Run folders named by `model=`: one run folder, a comma list of them, an experiment + variant, a
+    model.zip of viseg export-model, or an nnU-Net model folder (its fold folders). `folds=` narrows an
+    experiment or an nnU-Net model to some folds."""
     paths = [Path(p.strip()).expanduser() for p in model.split(",") if p.strip()]
     if not paths:
         raise ConfigError("model= is empty", fix="pass a run folder, a comma list of them, or an experiment folder")
+    fold_names = nnunet_model.parse_folds(folds)
     if len(paths) == 1 and not is_run_dir(paths[0]) and (paths[0] / EXPERIMENT_RUNS).is_dir():
-        return _experiment_selection(paths[0], variant)
+        return _experiment_selection(paths[0], variant, fold_names)
+    if len(paths) == 1 and nnunet_model.is_nnunet_model_dir(paths[0]):
+        _no_variant(variant, "an nnU-Net model folder")
+        nnunet_model.note_postprocessing(paths[0])
+        return ModelSelection(tuple(nnunet_model.model_fold_dirs(paths[0], fold_names, checkpoint)), None)
+    if fold_names is not None:
+        raise ConfigError(f"folds={folds} applies to a sweep experiment or an nnU-Net model folder, but model= names "
+                          "run folders", fix="drop folds=, or list the run folders of the folds you want")
     if len(paths) == 1 and is_archive(paths[0]):  # viseg export-model's one file: checked, then unpacked
         opened = open_archive(paths[0])
         post = Postprocessing.load(opened.postprocessing) if opened.postprocessing else None
         return ModelSelection(opened.run_dirs, post)
-    if variant is not None:
-        raise ConfigError(f"variant={variant} applies to a sweep experiment folder, but model= names run folders",
-                          fix="drop variant=, or pass the experiment folder as model=")
+    _no_variant(variant, "run folders")
+    if all(nnunet_model.is_nnunet_fold_dir(p) for p in paths):
+        return ModelSelection(tuple(paths), None)
     for path in paths:
         _check_run_dir(path)
     if len(set(p.resolve() for p in paths)) != len(paths):
         raise ConfigError(f"model= lists a run folder twice: {model}", fix="list each run folder once")
     return ModelSelection(tuple(paths), _postprocessing([[p] for p in paths]))
+
+
+def _no_variant(variant: str | None, what: str) -> None:
+    if variant is not None:
+        raise ConfigError(f"variant={variant} applies to a sweep experiment folder, but model= names {what}",
+                          fix="drop variant=, or pass the experiment folder as model=")
 
 
 def _check_run_dir(path: Path) -> None:
@@ -116,8 +135,10 @@ def _check_run_dir(path: Path) -> None:
         raise ConfigError(f"{path} is a sweep experiment folder, listed among other folders",
                           fix="list run folders (…/fold_<k>) only, or pass the experiment alone with variant=")
     if not is_run_dir(path):
-        raise ConfigError(f"{path} is neither a viseg run folder (no config.yaml) nor a sweep experiment folder "
-                          "(no runs/)", fix="pass …/fold_<k> of a run, or the experiment folder of a sweep")
+        raise ConfigError(f"{path} is neither a viseg run folder (no config.yaml), a sweep experiment folder (no "
+                          "runs/) nor an nnU-Net model folder (no plans.json, dataset.json and fold_<k>/)",
+                          fix="pass …/fold_<k> of a run, the experiment folder of a sweep, or an nnU-Net "
+                              "<trainer>__<plans>__<configuration> folder")
 
 
 def experiment_variants(experiment: Path) -> dict[str, dict[int, Path]]:
@@ -126,7 +147,7 @@ def experiment_variants(experiment: Path) -> dict[str, dict[int, Path]]:
     return layout_variants(experiment / EXPERIMENT_RUNS, runs_only=True)
 
 
-def _experiment_selection(experiment: Path, variant: str | None) -> ModelSelection:
+def _experiment_selection(experiment: Path, variant: str | None, fold_names: list[str] | None) -> ModelSelection:
     variants = experiment_variants(experiment)
     if not variants:
         raise ConfigError(f"experiment {experiment} holds no run folders under runs/",
@@ -140,6 +161,13 @@ def _experiment_selection(experiment: Path, variant: str | None) -> ModelSelecti
         raise ConfigError(f"experiment {experiment} has no variant {variant!r}",
                           fix=f"use one of: {', '.join(sorted(variants))}")
     folds = variants[variant]
+    if fold_names is not None:
+        wanted = [int(f) for f in fold_names if f != "all"]
+        absent = [k for k in wanted if k not in folds]
+        if absent or len(wanted) != len(fold_names):
+            raise ConfigError(f"variant {variant} of {experiment} has no fold(s) "
+                              f"{', '.join(map(str, absent)) or 'all'}", fix=f"use folds among {sorted(folds)}")
+        folds = {k: folds[k] for k in wanted}
     finished = [folds[k] for k in sorted(folds) if (folds[k] / FINISHED_MARKER).is_file()]
     if not finished:
         raise ConfigError(f"variant {variant} of {experiment} has no finished fold yet (folds {sorted(folds)})",
@@ -229,18 +257,16 @@ def training_mirror_axes(cfg: BaseConfig) -> tuple[int, ...]:
     return tuple(range(dim)) if augmentation.mirror_axes is None else tuple(augmentation.mirror_axes)
 
 
-def _network(plans: Plans, configuration: str, checkpoint: dict[str, Any], path: Path) -> nn.Module:
+def _network(plans: Plans, configuration: str, state: dict[str, Any], path: Path) -> nn.Module:
 
     from viseg.planning.network import build_model
-    prefix = "network."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     # deep supervision changes only what forward returns, not the weights; inference needs the top output
     network = build_model(plans, configuration, deep_supervision=False)
     try:
         network.load_state_dict(state)
     except RuntimeError as exc:
         raise ConfigError(f"the weights in {path} do not fit the plan saved with them: {str(exc).splitlines()[0]}",
-                          fix="the checkpoint is damaged or from another viseg version: retrain the run") from None
+                          fix="the checkpoint is damaged or from another version: retrain the run") from None
     return network.eval()
 
 
@@ -250,10 +276,15 @@ class _LoadedRun:
     network: nn.Module
     plans: Plans
     configuration: str
-    cfg: BaseConfig
+    mirror_axes: tuple[int, ...]
+    pathfinder: str
+    file_ending: str
+    weights_file: str
 
 
 def _load_run(run_dir: Path, checkpoint: str) -> _LoadedRun:
+    if nnunet_model.is_nnunet_fold_dir(run_dir):
+        return _load_nnunet_fold(run_dir, checkpoint)
 
     from viseg.planning.planner import CONFIGURATION_BY_DIM
     path = checkpoint_path(run_dir, checkpoint)
@@ -261,7 +292,21 @@ def _load_run(run_dir: Path, checkpoint: str) -> _LoadedRun:
     cfg = run_config(data, path)
     plans = plans_from_dict(data["viseg"]["plans"], source=str(path))
     configuration = CONFIGURATION_BY_DIM[cfg.model.model_args.conv_dim]
-    return _LoadedRun(run_dir, _network(plans, configuration, data, path), plans, configuration, cfg)
+    prefix = "network."
+    state = {k[len(prefix):]: v for k, v in data["state_dict"].items() if k.startswith(prefix)}
+    return _LoadedRun(run_dir, _network(plans, configuration, state, path), plans, configuration,
+                      training_mirror_axes(cfg), cfg.dataset.pathfinder, _file_ending(run_dir),
+                      str(path.relative_to(run_dir)))
+
+
+def _load_nnunet_fold(fold_dir: Path, checkpoint: str) -> _LoadedRun:
+    """A fold of an nnU-Net model: images named as in nnU-Net's raw layout (one file per channel)."""
+    fold = nnunet_model.read_fold(fold_dir, checkpoint)
+    log.info("%s: nnU-Net %s model (trainer %s), %s", fold_dir, fold.nnunet_configuration, fold.trainer,
+             fold.checkpoint.name)
+    network = _network(fold.plans, fold.configuration, fold.weights, fold.checkpoint)
+    return _LoadedRun(fold_dir, network, fold.plans, fold.configuration, fold.mirror_axes, "nnunet",
+                      fold.file_ending, fold.checkpoint.name)
 
 
 def plan_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -310,8 +355,8 @@ def load_ensemble(run_dirs: list[Path] | tuple[Path, ...], checkpoint: str = "fi
     runs = [_load_run(Path(d), checkpoint) for d in run_dirs]
     _check_same_plan(runs)
     # runs of one variant mirror alike; should they not, only the axes all of them saw mirrored are safe
-    axes = set.intersection(*(set(training_mirror_axes(r.cfg)) for r in runs))
+    axes = set.intersection(*(set(r.mirror_axes) for r in runs))
     return Ensemble(run_dirs=[r.run_dir for r in runs], networks=[r.network.to(target) for r in runs],
                     plans=runs[0].plans, configuration=runs[0].configuration, mirror_axes=tuple(sorted(axes)),
-                    device=torch.device(target), pathfinder=runs[0].cfg.dataset.pathfinder,
-                    file_ending=_file_ending(runs[0].run_dir))
+                    device=torch.device(target), pathfinder=runs[0].pathfinder, file_ending=runs[0].file_ending,
+                    weights_file=runs[0].weights_file)

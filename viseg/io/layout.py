@@ -66,11 +66,12 @@ def weights_file(weights: str) -> str:
     return "best.ckpt" if weights == "best" else "last.ckpt"
 
 
-def describe_weights(weights: str) -> str:
-    """For the log: which weights a prediction uses, and which file they come from."""
+def describe_weights(weights: str, file: str | None = None) -> str:
+    """For the log: which weights a prediction uses, and which file they come from (`file`: another
+    layout's, e.g. an nnU-Net model's checkpoint_final.pth)."""
     source = {"final": "the end of training", "best": "best moving-average pseudo-Dice",
               "last": "latest epoch, finished or not"}[weights]
-    return f"{weights} weights ({source}: checkpoints/{weights_file(weights)})"
+    return f"{weights} weights ({source}: {file or f'checkpoints/{weights_file(weights)}'})"
 
 
 def _variant_keys(variant_dirs: list[Path]) -> dict[Path, str]:

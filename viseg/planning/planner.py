@@ -29,6 +29,7 @@ _NORMALIZATION_BY_CHANNEL_NAME = {
     "rescale_to_0_1": "RescaleTo01Normalization",
     "rgb_to_0_1": "RGBTo01Normalization",
 }
+NORMALIZATION_SCHEMES = tuple(sorted(set(_NORMALIZATION_BY_CHANNEL_NAME.values())))  # what preprocessing implements
 CONFIGURATION_BY_DIM = {3: "3d_fullres", 2: "2d"}
 # nnU-Net's 3d_lowres rule (ExperimentPlanner.plan_experiment): a lowres stage is searched when the fullres
 # patch covers under 25 % of the median image, by coarsening the spacing 3 % a step (1.03, not 1.01, keeps
@@ -53,6 +54,8 @@ class PlannerSettings:
     # features of the first stage, doubling per stage up to the architecture's cap; None: the architecture's
     # own (nnU-Net's UNet_base_num_features, 32). Fewer features make a network that a CPU trains in minutes.
     base_num_features: int | None = None
+    # plan.from=: the digest of the source plan the configuration is transferred from (planning.transfer)
+    source_plan: str | None = None
 
 
 # -- nnU-Net's topology rules -----------------------------------------------------------------------------

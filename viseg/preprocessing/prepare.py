@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from viseg.config import BaseConfig
@@ -28,12 +28,13 @@ from viseg.data.demo import ensure_demo_dataset
 from viseg.data.pathfinders import get_pathfinder
 from viseg.data.splits import Split, load_user_splits, make_splits, save_splits
 from viseg.data.verify import VerificationReport, verify_dataset
-from viseg.errors import DatasetError
+from viseg.errors import ConfigError, DatasetError
 from viseg.io.atomic import copy_atomically
 from viseg.io.jsonio import read_json, write_json_atomic
 from viseg.planning.fingerprint import Fingerprint, extract_fingerprint
 from viseg.planning.planner import CONFIGURATION_BY_DIM, PlannerSettings, inverse_permutation, make_plans
 from viseg.planning.plans import Plans
+from viseg.planning.transfer import load_plan_source, transfer_plans
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def planner_settings(cfg: BaseConfig) -> PlannerSettings:
 
 # Settings added after plan folders were first named: they enter the folder's hash only when set, so that
 # existing caches and run folders keep their names.
-_LATER_SETTINGS = ("base_num_features",)
+_LATER_SETTINGS = ("base_num_features", "source_plan")
 
 
 def plans_dir_for(cache_dir: Path, settings: PlannerSettings) -> Path:
@@ -220,13 +221,39 @@ def prepare(cfg: BaseConfig, progress: bool = True) -> PreparedDataset:
     """Verify, fingerprint and plan (each only when its inputs changed) and write the plan folder."""
     data = _verified(cfg, progress)
     settings = planner_settings(cfg)
-    plans = make_plans(data.fingerprint, settings)
+    if cfg.plan.from_model:
+        plans, settings = _transferred_plans(cfg, settings, data.fingerprint)
+    else:
+        plans = make_plans(data.fingerprint, settings)
     plans_dir = plans_dir_for(data.cache_dir, settings)
     splits = _splits(cfg, data.info, [c.case_id for c in data.cases])
     _write_once(plans_dir, plans, splits, data.info)
     return PreparedDataset(info=data.info, cases=data.cases, fingerprint=data.fingerprint,
                            fingerprint_reused=data.fingerprint_reused, plans=plans, plans_dir=plans_dir,
                            splits=splits, configuration=settings.configuration, cache_dir=data.cache_dir)
+
+
+def _transferred_plans(cfg: BaseConfig, settings: PlannerSettings, fingerprint: Fingerprint
+                       ) -> tuple[Plans, PlannerSettings]:
+    """plan.from=: the source's plan for this dataset, and the settings that name its folder (the source's
+    digest instead of topology values, which the source decides)."""
+    source = load_plan_source(str(cfg.plan.from_model), settings.configuration)
+    plan = source.plans.configuration(source.configuration)
+    given = {"patch_size": (settings.patch_size, plan.patch_size), "spacing": (settings.spacing, plan.spacing),
+             "transpose_forward": (settings.transpose_forward, source.plans.transpose_forward),
+             "plan.base_num_features": (settings.base_num_features, None)}
+    # a run's own resolved config repeats the source's values: only a different one would plan another network
+    clashing = [key for key, (ours, theirs) in given.items()
+                if ours is not None and (theirs is None or [float(v) for v in ours] != [float(v) for v in theirs])]
+    if clashing:
+        raise ConfigError(f"plan.from={cfg.plan.from_model} takes {', '.join(clashing)} from the source's plan, "
+                          "so the source's weights fit; this config sets another value",
+                          fix=f"drop {', '.join(f'{k}=' for k in clashing)} (batch_size= and foreground_labels= "
+                              "may still be set)")
+    plans = transfer_plans(source, fingerprint, settings.configuration, settings.architecture,
+                           settings.foreground_labels, settings.batch_size)
+    log.info("plan transferred from %s (%s plan, %s)", source.path, source.kind, source.configuration)
+    return plans, replace(settings, patch_size=None, spacing=None, transpose_forward=None, source_plan=source.digest)
 
 
 def prepared_from_run(cfg: BaseConfig, run_dir: Path, progress: bool = True) -> PreparedDataset:

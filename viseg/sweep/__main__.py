@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from viseg.cli import configure_logging, exit_status, quote_values
+from viseg.cli import configure_logging, exit_status, quote_values, with_key_aliases
 from viseg.resources import sweeps_dir
 from viseg.sweep.commands import run
 
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     configure_logging()
-    return exit_status("sweep", lambda: run(quote_values(_normalise_args(args), PATH_SETTINGS), sweeps_dir()))
+    arguments = quote_values(with_key_aliases(_normalise_args(args)), PATH_SETTINGS)
+    return exit_status("sweep", lambda: run(arguments, sweeps_dir()))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from viseg.cli import to_typed
+from viseg.cli import to_typed, with_key_aliases
 from viseg.config import BaseConfig, register_configs, reject_derived_overrides
 from viseg.errors import ConfigError
 from viseg.io.jsonio import read_json, write_json_atomic
@@ -53,7 +53,7 @@ def compose_variant(config_name: str, overrides: list[str]) -> BaseConfig:
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir())):
         try:
-            composed = compose(config_name, overrides=overrides)
+            composed = compose(config_name, overrides=with_key_aliases(overrides))
         except Exception as exc:  # Hydra's composition errors: unknown keys, options, types
             raise ConfigError(f"overrides {overrides} do not compose: {str(exc).splitlines()[0]}",
                               fix="check the key names and group options (python -m viseg.train --help)") from None
@@ -71,6 +71,8 @@ def absolute_paths(cfg: BaseConfig) -> BaseConfig:
     if cfg.init_from:  # checked here, before Ray starts; kept as named (a zip's unpacked copy is this node's own)
         source_checkpoint(cfg.init_from)
         cfg.init_from = str(Path(cfg.init_from).expanduser().resolve())
+    if cfg.plan.from_model:
+        cfg.plan.from_model = str(Path(cfg.plan.from_model).expanduser().resolve())
     cfg.dataset.basepath = str(dataset_root(cfg, progress=False).resolve())
     return cfg
 

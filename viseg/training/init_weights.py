@@ -7,8 +7,9 @@ which no fine-tuning can bridge: the error names the first stage that differs an
 make it match. Epoch, optimizer, schedule and EMA start afresh (continue_from= is the way to go on with a run).
 
 Sources: a viseg run folder (its final weights, or its latest with an explicit `.../checkpoints/last.ckpt`),
-a viseg checkpoint file or a model.zip of `viseg export-model` (its first run), loaded with `weights_only=True`
-like every checkpoint viseg reads.
+a viseg checkpoint file, a model.zip of `viseg export-model` (its first run), or a trained nnU-Net v2 model:
+its folder when it holds one finished fold, a `fold_<k>` folder, or a `checkpoint_*.pth` in one. All are loaded
+with `weights_only=True` like every checkpoint viseg reads.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from viseg.config import BaseConfig
 from viseg.errors import ConfigError
+from viseg.inference import nnunet_model
 from viseg.inference.ensemble import checkpoint_path, load_checkpoint, run_config
 from viseg.io.layout import CHECKPOINTS_DIR
 from viseg.io.model_archive import is_archive, open_archive
@@ -59,6 +61,14 @@ def source_checkpoint(init_from: str) -> Path:
     if is_archive(path):  # a model.zip: its first run's weights
         opened = open_archive(path)
         return checkpoint_path(opened.run_dirs[0], opened.checkpoint)
+    if nnunet_model.is_nnunet_model_dir(path):
+        path = nnunet_model.single_fold(path, init_from)
+    if nnunet_model.is_nnunet_fold_dir(path):
+        final = path / nnunet_model.CHECKPOINT_FILES["final"]
+        if not final.is_file():
+            raise ConfigError(f"init_from={init_from}: {path} has no {final.name} (the fold has not finished)",
+                              fix=f"let it finish, or name another checkpoint file: init_from={path}/<file>.pth")
+        return final
     if path.is_dir():
         if not (path / CHECKPOINTS_DIR).is_dir():
             raise ConfigError(f"init_from={init_from} is not a viseg run folder (no {CHECKPOINTS_DIR}/)",
@@ -69,11 +79,16 @@ def source_checkpoint(init_from: str) -> Path:
     return path
 
 
-def _source_state(path: Path) -> tuple[dict[str, Any], BaseConfig | None]:
+def _source_state(path: Path) -> tuple[dict[str, Any], str]:
+    """The source's network weights, and how to plan this dataset so that they fit."""
+    if nnunet_model.is_nnunet_checkpoint(path):
+        fold = nnunet_model.read_fold(path.parent, checkpoint_file=path)
+        return fold.weights, _match_fix(None, path.parent.parent)
     checkpoint = load_checkpoint(path)
     state = {key[len(NETWORK_PREFIX):]: value for key, value in checkpoint["state_dict"].items()
              if key.startswith(NETWORK_PREFIX)}
-    return state, run_config(checkpoint, path)
+    run_dir = path.parent.parent if path.parent.name == CHECKPOINTS_DIR else None
+    return state, _match_fix(run_config(checkpoint, path), run_dir)
 
 
 def _stage(key: str) -> str:
@@ -84,21 +99,25 @@ def _stage(key: str) -> str:
     return f"{part} stage {index}" + (" (upsampling)" if kind == "transpconvs" else "")
 
 
-def _match_fix(source_cfg: BaseConfig | None) -> str:
-    if source_cfg is None:
+def _match_fix(source_cfg: BaseConfig | None, source_dir: Path | None) -> str:
+    """Plan this dataset like the source (nnU-Net's "transfer the plans" step): with plan.from= when the source
+    is a folder, or with the source's own plan values."""
+    ways = [f"plan.from={source_dir}"] if source_dir is not None else []
+    if source_cfg is not None:
+        values = [f"patch_size=[{','.join(map(str, source_cfg.patch_size or []))}]",
+                  f"spacing=[{','.join(f'{v:g}' for v in source_cfg.spacing or [])}]",
+                  f"plan.base_num_features={source_cfg.plan.base_num_features}"
+                  if source_cfg.plan.base_num_features is not None else ""]
+        ways.append(" ".join(v for v in values if v))
+    if not ways:
         return "plan this dataset with the source's patch size, spacing and network width"
-    values = [f"patch_size=[{','.join(map(str, source_cfg.patch_size or []))}]",
-              f"spacing=[{','.join(f'{v:g}' for v in source_cfg.spacing or [])}]",
-              f"plan.base_num_features={source_cfg.plan.base_num_features}"
-              if source_cfg.plan.base_num_features is not None else ""]
-    return ("plan this dataset like the source (nnU-Net's \"transfer the plans\" step) with the source's values: "
-            + " ".join(v for v in values if v))
+    return ("plan this dataset like the source (nnU-Net's \"transfer the plans\" step): " + ", or ".join(ways))
 
 
 def initialise_from(network: Any, path: Path, init_from: str) -> InitReport:
     """Load what fits of the checkpoint `path` (found by `source_checkpoint(init_from)`) into `network`, in
     place; refuse another topology."""
-    source, source_cfg = _source_state(path)
+    source, fix = _source_state(path)
     target = network.state_dict()
     first_conv = next(value for value in target.values() if value.ndim >= 3)
     replaceable = {key for key, value in target.items()
@@ -118,7 +137,7 @@ def initialise_from(network: Any, path: Path, init_from: str) -> InitReport:
                   f"{list(ours.shape) if ours is not None else 'absent'} here")
         raise ConfigError(f"init_from={init_from}: this plan's network differs from the source's at "
                           f"{_stage(key)} ({key}: {shapes}), so its weights cannot start this run",
-                          fix=_match_fix(source_cfg))
+                          fix=fix)
     network.load_state_dict(merged)
     report = InitReport(source=path)
     for name, parameter in network.named_parameters():
