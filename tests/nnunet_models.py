@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pydoc
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 
 from viseg.planning.plans import Plans
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(os.environ.get("VISEG_SHARED", Path(__file__).resolve().parents[2] / "shared"))  # as conftest.py
 REFERENCE_PLANS = SHARED / "reference" / "acdc" / "nnUNetPlans.json"
 
 
