@@ -55,3 +55,11 @@ def synthetic_reference_dataset(shared: Path, tmp_path_factory: pytest.TempPathF
         return made[variant]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-case demo dataset for seconds-long training runs (modules with their own `demo` shadow it)."""
+    from viseg.data.demo import DemoSpec, generate_demo_dataset
+
+    return generate_demo_dataset(tmp_path_factory.mktemp("data") / "demo", DemoSpec(n_cases=6), progress=False)

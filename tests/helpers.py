@@ -17,6 +17,13 @@ def compose_typed(config_name: str = "anatomy_config", overrides: list[str] | No
         return to_typed(compose(config_name, overrides=list(overrides or [])))
 
 
+def tiny_run(demo: Path, work: Path, *extra: str) -> list[str]:
+    """Overrides for a seconds-long CPU run on `demo` (3 folds, 2 iterations, no loader workers)."""
+    return [f"dataset.basepath={demo}", f"paths.cache={work / 'cache'}", f"paths.results={work / 'results'}",
+            "splits.n_folds=3", "num_processes=1", "loader.num_workers=0", "trainer.iterations_per_epoch=2",
+            "trainer.val_iterations=1", *extra]
+
+
 WHEEL_INPUTS = ("pyproject.toml", "README.md", "viseg", "conf", "sweeps")  # what pyproject.toml packages
 
 

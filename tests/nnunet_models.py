@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import pydoc
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from tests.conftest import shared_dir
 from viseg.planning.plans import Plans
 
-SHARED = Path(os.environ.get("VISEG_SHARED", Path(__file__).resolve().parents[2] / "shared"))  # as conftest.py
+SHARED = shared_dir()
 REFERENCE_PLANS = SHARED / "reference" / "acdc" / "nnUNetPlans.json"
 
 

@@ -14,19 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import compose_typed
+from tests.helpers import compose_typed, tiny_run
 from tests.sweep_runs import run_folders, sweep
-from viseg.data.demo import DemoSpec, generate_demo_dataset
 from viseg.errors import ConfigError
 from viseg.export_model import main as export_main
 from viseg.training.train import train
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_demo_dataset(tmp_path_factory.mktemp("data") / "demo", DemoSpec(n_cases=6), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +31,7 @@ def source(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny(demo: Path, work: Path, *extra: str) -> list[str]:
-    return [f"dataset.basepath={demo}", f"paths.cache={work / 'cache'}", f"paths.results={work / 'results'}",
-            "splits.n_folds=3", "num_processes=1", "loader.num_workers=0", "patch_size=[16,32,32]",
-            "plan.base_num_features=8", "trainer.iterations_per_epoch=2", "trainer.val_iterations=1", *extra]
+    return tiny_run(demo, work, "patch_size=[16,32,32]", "plan.base_num_features=8", *extra)
 
 
 def network_weights(checkpoint: Path) -> dict[str, torch.Tensor]:

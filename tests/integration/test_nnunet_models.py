@@ -15,10 +15,9 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import compose_typed
+from tests.helpers import compose_typed, tiny_run
 from tests.nnunet_models import nnunet_plans, write_nnunet_model
 from viseg.config import PredictConfig
-from viseg.data.demo import DemoSpec, generate_demo_dataset
 from viseg.errors import ConfigError
 from viseg.planning.plans import Plans
 from viseg.predict import predict_command
@@ -27,15 +26,8 @@ from viseg.training.train import train
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_demo_dataset(tmp_path_factory.mktemp("data") / "demo", DemoSpec(n_cases=6), progress=False)
-
-
 def tiny(demo: Path, work: Path, *extra: str) -> list[str]:
-    return [f"dataset.basepath={demo}", f"paths.cache={work / 'cache'}", f"paths.results={work / 'results'}",
-            "splits.n_folds=3", "num_processes=1", "loader.num_workers=0", "trainer.iterations_per_epoch=2",
-            "trainer.val_iterations=1", "trainer.max_epochs=1", *extra]
+    return tiny_run(demo, work, "trainer.max_epochs=1", *extra)
 
 
 @pytest.fixture(scope="module")
