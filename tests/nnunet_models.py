@@ -78,10 +78,10 @@ def build_nnunet_network(plans: dict[str, Any], configuration: str, dataset_json
 
 def write_nnunet_model(results: Path, plans: dict[str, Any], dataset_json: dict[str, Any], configuration: str,
                        weights: dict[str, torch.Tensor] | None = None, trainer: str = "nnUNetTrainer",
-                       folds: tuple[int, ...] = (0,), mirror_axes: tuple[int, ...] | None = (0, 1, 2),
+                       folds: tuple[int, ...] = (0,), mirror_axes: tuple[int, ...] | None = None,
                        extra: dict[str, Any] | None = None) -> Path:
     """The model folder; `weights` (a state_dict) are loaded strictly into the network the plans describe,
-    random (seeded) weights when None."""
+    random (seeded) weights when None. `mirror_axes` None: every axis of the patch, as nnUNetTrainer mirrors."""
     model = results / plans["dataset_name"] / f"{trainer}__{plans['plans_name']}__{configuration}"
     model.mkdir(parents=True)
     (model / "plans.json").write_text(json.dumps(plans, indent=4))
@@ -95,6 +95,8 @@ def write_nnunet_model(results: Path, plans: dict[str, Any], dataset_json: dict[
                "dice_per_class_or_region": [[np.float64(0.4), np.float64(0.5), np.float64(0.6)]],
                "train_losses": [np.float32(-0.2)], "val_losses": [np.float32(-0.1)], "lrs": [0.01],
                "epoch_start_timestamps": [1.0], "epoch_end_timestamps": [2.0]}
+    if mirror_axes is None:
+        mirror_axes = tuple(range(len(plans["configurations"][configuration]["patch_size"])))
     for fold in folds:
         (model / f"fold_{fold}").mkdir()
         checkpoint = {

@@ -82,10 +82,18 @@ def test_a_custom_trainer_is_refused_naming_it(tmp_path: Path):
     assert "nnUNetTrainerDA5" in error.value.message and "nnUNetTrainer_<N>epochs" in error.value.fix
 
 
+def test_mirror_axes_outside_the_patch_are_refused(tmp_path: Path):
+    model = write_nnunet_model(tmp_path, tiny_plans(), DATASET_JSON, "2d", mirror_axes=(0, 1, 2))
+    with pytest.raises(ConfigError) as error:
+        read_fold(model / "fold_0")
+    assert "inference_allowed_mirroring_axes" in error.value.message
+
+
 def test_nnunets_own_training_length_variants_load_with_their_mirroring(tmp_path: Path):
     assert "nnUNetTrainer_1epoch" in TRAINERS and "nnUNetTrainer_250epochs_NoMirroring" in TRAINERS
     model = write_nnunet_model(tmp_path, tiny_plans(), DATASET_JSON, "2d",
-                               trainer="nnUNetTrainer_250epochs_NoMirroring", mirror_axes=None)
+                               trainer="nnUNetTrainer_250epochs_NoMirroring",
+                               extra={"inference_allowed_mirroring_axes": None})  # as NoMirroring saves it
     fold = read_fold(model / "fold_0")
     assert fold.mirror_axes == () and fold.configuration == "2d" and fold.plans.foreground_labels == (1, 2, 3)
     assert fold.weights and all(hasattr(v, "shape") for v in fold.weights.values())
@@ -108,3 +116,18 @@ def test_a_checkpoint_that_would_run_code_is_refused_naming_the_global(tmp_path:
         read_fold(model / "fold_0")
     named = error.value.message.split(" besides ")[0]  # the globals it would need, allowlisted ones left out
     assert named.endswith(".system") and "numpy" not in named and not marker.exists()
+
+
+def test_a_residual_encoder_model_loads_into_the_network_viseg_builds(tmp_path: Path):
+    """nnU-Net's ResEnc presets (nnUNetResEncUNet{M,L,XL}Plans) plan ResidualEncoderUNet with n_blocks_per_stage."""
+    from viseg.inference.ensemble import load_ensemble
+
+    plans = tiny_plans()
+    arch = plans["configurations"]["2d"]["architecture"]
+    arch["network_class_name"] = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+    arch["arch_kwargs"].pop("n_conv_per_stage")
+    arch["arch_kwargs"].update(n_blocks_per_stage=[1, 2, 2], n_conv_per_stage_decoder=[1, 1])
+    model = write_nnunet_model(tmp_path, plans, DATASET_JSON, "2d", mirror_axes=(0, 1))
+    ensemble = load_ensemble([model / "fold_0"], device="cpu")  # a strict load_state_dict
+    assert ensemble.plans.configuration("2d").network.n_conv_per_stage == (1, 2, 2)
+    assert type(ensemble.networks[0]).__name__ == "ResidualEncoderUNet" and ensemble.mirror_axes == (0, 1)

@@ -161,11 +161,15 @@ def read_fold(fold_dir: Path, checkpoint: str = "final", checkpoint_file: Path |
                           fix="use a checkpoint written by nnU-Net v2's trainer")
     dataset_json = read_json(model_dir / DATASET_FILE)
     plans = plans_from_nnunet(read_json(model_dir / PLANS_FILE), dataset_json, configuration, str(model_dir))
-    axes = data.get("inference_allowed_mirroring_axes")
+    axes = tuple(int(a) for a in data.get("inference_allowed_mirroring_axes") or ())
+    dim = len(next(iter(plans.configurations.values())).patch_size)
+    if any(not 0 <= a < dim for a in axes):
+        raise ConfigError(f"{path}: inference_allowed_mirroring_axes {list(axes)} are not axes of a {dim}D patch",
+                          fix="use the checkpoint nnU-Net wrote for this model")
     return NnunetFold(
         fold_dir=fold_dir, checkpoint=path, plans=plans, configuration=next(iter(plans.configurations)),
         nnunet_configuration=configuration, trainer=trainer, weights=data["network_weights"],
-        mirror_axes=tuple(int(a) for a in axes) if axes else (),
+        mirror_axes=axes,
         file_ending=str(dataset_json.get("file_ending", ".nii.gz")))
 
 
