@@ -233,6 +233,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
+NETWORK_PREFIX = "network."  # the LightningModule's attribute holding the network
+
+
+def network_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The network's tensors in a viseg checkpoint, named as the network names them."""
+    return {k[len(NETWORK_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(NETWORK_PREFIX)}
+
+
 def run_config(checkpoint: dict[str, Any], path: Path) -> BaseConfig:
     """The run's fully resolved config, as saved in its checkpoint."""
     from omegaconf import OmegaConf
@@ -292,8 +300,7 @@ def _load_run(run_dir: Path, checkpoint: str) -> _LoadedRun:
     cfg = run_config(data, path)
     plans = plans_from_dict(data["viseg"]["plans"], source=str(path))
     configuration = CONFIGURATION_BY_DIM[cfg.model.model_args.conv_dim]
-    prefix = "network."
-    state = {k[len(prefix):]: v for k, v in data["state_dict"].items() if k.startswith(prefix)}
+    state = network_state(data)
     return _LoadedRun(run_dir, _network(plans, configuration, state, path), plans, configuration,
                       training_mirror_axes(cfg), cfg.dataset.pathfinder, _file_ending(run_dir),
                       str(path.relative_to(run_dir)))

@@ -22,13 +22,12 @@ from typing import Any
 from viseg.config import BaseConfig
 from viseg.errors import ConfigError
 from viseg.inference import nnunet_model
-from viseg.inference.ensemble import checkpoint_path, load_checkpoint, run_config
+from viseg.inference.ensemble import checkpoint_path, load_checkpoint, network_state, run_config
 from viseg.io.layout import CHECKPOINTS_DIR
 from viseg.io.model_archive import is_archive, open_archive
 
 HEAD = re.compile(r"(^|\.)seg_layers\.\d+\.")  # dynamic-network-architectures' segmentation heads
 STAGE = re.compile(r"^(encoder|decoder)\.(stages|transpconvs)\.(\d+)")
-NETWORK_PREFIX = "network."  # the LightningModule's attribute holding the network
 INIT_REPORT = "init_from.json"  # in the run folder: what init_from= loaded and what it left to the new run
 
 
@@ -85,8 +84,7 @@ def _source_state(path: Path) -> tuple[dict[str, Any], str]:
         fold = nnunet_model.read_fold(path.parent, checkpoint_file=path)
         return fold.weights, _match_fix(None, path.parent.parent)
     checkpoint = load_checkpoint(path)
-    state = {key[len(NETWORK_PREFIX):]: value for key, value in checkpoint["state_dict"].items()
-             if key.startswith(NETWORK_PREFIX)}
+    state = network_state(checkpoint)
     run_dir = path.parent.parent if path.parent.name == CHECKPOINTS_DIR else None
     return state, _match_fix(run_config(checkpoint, path), run_dir)
 
