@@ -324,6 +324,9 @@ class LossConfig:
     class_weights: list[float] | None = None  # cross-entropy weights, background first
 
 
+# What `configuration=` may name: viseg.planning.planner.CONFIGURATIONS, repeated because importing the
+# planner here would load scipy and nibabel for every --help (tests/unit/test_plan.py keeps the two equal).
+CONFIGURATION_NAMES = ("2d", "3d_fullres", "3d_lowres")
 # Plan values a user may set (the planner keeps them consistent) and values that are always derived.
 PLAN_OVERRIDE_KEYS = ("patch_size", "spacing", "batch_size", "transpose_forward", "transpose_backward")
 DERIVED_TOP_LEVEL_KEYS = ("num_channels", "num_classes")
@@ -361,6 +364,9 @@ class BaseConfig:
     seed: int = 12345
     devices: Any = "auto"
     num_processes: int | None = None  # worker processes for verify/fingerprint/preprocess; None = all cores
+    # the planned configuration this run trains: 2d, 3d_fullres or 3d_lowres (nnU-Net's, for images large
+    # against the fullres patch); None: by the model, 2d for a 2D one and 3d_fullres for a 3D one
+    configuration: str | None = None
 
     # Dataset-dependent values (training docs' table). Left empty they are planned from the data.
     foreground_labels: list[int] | None = None  # None: every dataset.json label but background and 'ignore'
@@ -386,7 +392,25 @@ class BaseConfig:
         if self.finetune.lr is not None and not self.finetune.freeze_encoder_epochs:
             raise ConfigError("finetune.lr is the learning rate of the frozen-encoder epochs, and there are none",
                               fix="set finetune.freeze_encoder_epochs=N too, or change optimizer.lr instead")
+        self._check_configuration()
         self._check_plan_values()
+
+    def _check_configuration(self) -> None:
+        """Here, not in the planner: a 2D network cannot train a 3D plan (nor the reverse), and by then the
+        dataset would be verified and fingerprinted for nothing."""
+        if self.configuration is None:
+            return
+        if self.configuration not in CONFIGURATION_NAMES:
+            raise ConfigError(f"configuration={self.configuration!r} is not a configuration viseg plans",
+                              fix=f"use one of {list(CONFIGURATION_NAMES)}, or null for the model's own")
+        dim = getattr(getattr(self.model, "model_args", None), "conv_dim", None)
+        if dim == 3 and self.configuration == "2d":
+            raise ConfigError("configuration=2d trains a 2D network, but the model is 3D",
+                              fix="add model=plain_conv_unet_2d, or use configuration=3d_fullres|3d_lowres")
+        if dim == 2 and self.configuration != "2d":
+            raise ConfigError(f"configuration={self.configuration} trains a 3D network, but the model is 2D",
+                              fix="add model=plain_conv_unet_3d (or residual_encoder_unet_3d), or use "
+                                  "configuration=2d")
 
     def _check_fold(self) -> None:
         if not 0 <= self.fold < self.splits.n_folds:

@@ -31,7 +31,7 @@ def _configuration_rows(plan: ConfigurationPlan) -> list[tuple[str, str]]:
 
 
 def render_plan(plans: Plans, selected: str) -> str:
-    names = [n for n in ("3d_fullres", "2d") if n in plans.configurations]
+    names = [n for n in ("3d_fullres", "3d_lowres", "2d") if n in plans.configurations]
     rows = {n: dict(_configuration_rows(plans.configurations[n])) for n in names}
     keys = list(rows[names[0]])
     titles = {n: n + (" *" if n == selected else "") for n in names}

@@ -101,12 +101,16 @@ def check_plans(plans: Plans, fingerprint: Fingerprint, architecture: str) -> No
     forward, backward = list(plans.transpose_forward), list(plans.transpose_backward)
     assert sorted(forward) == [0, 1, 2]
     assert [forward[b] for b in backward] == [0, 1, 2] and [backward[f] for f in forward] == [0, 1, 2]
-    assert set(plans.configurations) == {"3d_fullres", "2d"}  # every generated median has > 1 slice
+    # every generated median has > 1 slice; large images also get nnU-Net's 3d_lowres stage
+    assert set(plans.configurations) in ({"3d_fullres", "2d"}, {"3d_fullres", "2d", "3d_lowres"})
     full, flat = plans.configuration("3d_fullres"), plans.configuration("2d")
-    check_topology(full, 3, architecture)
-    check_topology(flat, 2, architecture)
-    check_patch_and_batch(full, architecture)
-    check_patch_and_batch(flat, architecture)
+    for plan in plans.configurations.values():
+        check_topology(plan, len(plan.patch_size), architecture)
+        check_patch_and_batch(plan, architecture)
+    if "3d_lowres" in plans.configurations:
+        lowres = plans.configuration("3d_lowres")
+        assert all(lo >= fu for lo, fu in zip(lowres.spacing, full.spacing)) and full.batch_dice
+        assert np.prod(lowres.median_image_size_in_voxels) * 2 <= np.prod(full.median_image_size_in_voxels) * 1.01
     assert full.spacing[0] == max(full.spacing)  # the coarsest axis goes first
     assert flat.spacing == full.spacing[1:] and flat.median_image_size_in_voxels == full.median_image_size_in_voxels[1:]
     assert plans.num_classes == len(fingerprint.labels) and plans.num_channels == len(fingerprint.channel_names)

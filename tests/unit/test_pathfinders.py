@@ -154,10 +154,10 @@ def test_missing_label_and_channel_name_the_file(nnunet_root: Path) -> None:
     ({**NNUNET_JSON, "channel_names": {"1": "T1", "2": "T2"}}, ["channel_names"]),
     ({**NNUNET_JSON, "channel_names": {"0": 5}}, ["channel_names"]),
     ({**NNUNET_JSON, "channel_names": []}, ["channel_names"]),
-    ({**NNUNET_JSON, "labels": {"background": 0, "whole": [1, 2], "core": [2]}}, ["labels"]),
+    ({**NNUNET_JSON, "labels": {"background": 0, "whole": [1, "2"], "core": []}}, ["labels"]),
     ({**NNUNET_JSON, "file_ending": ".mha"}, ["file_ending", ".mha"]),
 ], ids=["missing", "invalid-json", "not-object", "channel-keys", "channel-values", "channel-list",
-        "region-labels", "mha"])
+        "bad-region-labels", "mha"])
 def test_bad_dataset_json(nnunet_root: Path, content: Any, words: list[str]) -> None:
     path = nnunet_root / "dataset.json"
     if content is None:
@@ -175,7 +175,7 @@ def test_bad_dataset_json(nnunet_root: Path, content: Any, words: list[str]) -> 
 
 def test_several_dataset_json_problems_at_once(nnunet_root: Path) -> None:
     path = nnunet_root / "dataset.json"
-    path.write_text(json.dumps({**NNUNET_JSON, "labels": {"a": [1]}, "file_ending": ".mha",
+    path.write_text(json.dumps({**NNUNET_JSON, "labels": {"a": "one"}, "file_ending": ".mha",
                                 "numTraining": "three"}))
     discovery = DefaultNNUnetFormatPathFinder(nnunet_root).discover()
     assert [p.check for p in discovery.problems] == ["dataset-json"] * 3

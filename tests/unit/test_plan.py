@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 
 from tests.parity import configuration_differences, fingerprint_from_files, fingerprint_from_reference, load_json
+from viseg.config import CONFIGURATION_NAMES
 from viseg.errors import ConfigError
+from viseg.plan import render_plan
 from viseg.planning.architectures import get_architecture
+from viseg.planning.fingerprint import Fingerprint
 from viseg.planning.planner import (
+    CONFIGURATIONS,
     ConfigurationInputs,
     PlannerSettings,
     get_pool_and_conv_props,
@@ -19,7 +23,7 @@ from viseg.planning.planner import (
     make_plans,
     plan_configuration,
 )
-from viseg.planning.plans import Plans
+from viseg.planning.plans import Plans, plans_from_dict
 
 REFERENCES = ["acdc", "synth_aniso", "synth_iso"]
 # nnU-Net's plans for synthetic fingerprints of large images (bench/make_lowres_plan_references.py): two that
@@ -68,6 +72,21 @@ def test_old_schema_is_refused(plans_by_reference, tmp_path: Path):
     (tmp_path / "plans.json").write_text(__import__("json").dumps(data))
     with pytest.raises(ConfigError, match="schema_version"):
         Plans.load(tmp_path / "plans.json")
+
+
+def test_plans_without_cascade_links_still_load(plans_by_reference):
+    """plans.json files written before previous_stage/next_stage existed load with both unset."""
+    plans, _ = plans_by_reference["acdc"]
+    data = plans.to_dict()
+    for configuration in data["configurations"].values():
+        del configuration["previous_stage"], configuration["next_stage"]
+    loaded = plans_from_dict(data)
+    assert loaded == plans
+    assert all(c.previous_stage is None and c.next_stage is None for c in loaded.configurations.values())
+
+
+def test_the_config_schema_names_the_planners_configurations():
+    assert CONFIGURATION_NAMES == CONFIGURATIONS
 
 
 def _acdc(shared: Path, **settings) -> Plans:
@@ -150,11 +169,15 @@ def test_planning_is_pure(shared: Path):
     assert dataclasses.asdict(fingerprint) == before
 
 
-# -- 3d_lowres: batch dice of 3d_fullres ----------------------------------------------------------------------
+# -- 3d_lowres: the stage and the batch dice of 3d_fullres ---------------------------------------------------
+def _lowres_fingerprint(name: str) -> Fingerprint:
+    return fingerprint_from_files(name, LOWRES_DATA / name / "dataset_fingerprint.json",
+                                  LOWRES_DATA / name / "dataset.json")
+
+
 def _lowres_reference(name: str) -> tuple[Plans, dict]:
-    fingerprint = fingerprint_from_files(name, LOWRES_DATA / name / "dataset_fingerprint.json",
-                                         LOWRES_DATA / name / "dataset.json")
-    return make_plans(fingerprint, PlannerSettings()), load_json(LOWRES_DATA / name / "nnUNetPlans.json")
+    return (make_plans(_lowres_fingerprint(name), PlannerSettings()),
+            load_json(LOWRES_DATA / name / "nnUNetPlans.json"))
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +204,67 @@ def test_fullres_batch_dice_exactly_when_nnunet_has_a_lowres_stage(lowres_plans,
         assert plans.configuration("3d_fullres").batch_dice is has_lowres[name], name
         assert reference["configurations"]["3d_fullres"]["batch_dice"] is has_lowres[name], name
         assert plans.configuration("2d").batch_dice is True
-        assert set(plans.configurations) == {"3d_fullres", "2d"}  # the lowres stage is decided, not planned
+        # nnU-Net's 3d_cascade_fullres (inherits 3d_fullres, previous_stage 3d_lowres) is not planned yet
+        assert set(plans.configurations) == set(reference["configurations"]) - {"3d_cascade_fullres"}, name
+
+
+@pytest.mark.parametrize("name", ["ct_large", "mr_aniso_large"])
+def test_lowres_stage_matches_nnunet(lowres_plans, name: str):
+    plans, reference = lowres_plans[name]
+    ours, theirs = plans.configuration("3d_lowres"), reference["configurations"]["3d_lowres"]
+    assert configuration_differences(ours, theirs) == {}  # spacing, patch, batch, dice, topology, normalisation
+    assert list(ours.median_image_size_in_voxels) == theirs["median_image_size_in_voxels"]
+    assert ours.batch_dice is False and plans.configuration("3d_fullres").batch_dice is True
+    assert ours.next_stage == theirs["next_stage"] == "3d_cascade_fullres" and ours.previous_stage is None
+    assert reference["configurations"]["3d_cascade_fullres"]["previous_stage"] == "3d_lowres"
+    assert plans.configuration("3d_fullres").next_stage is None
+
+
+def test_a_dropped_lowres_stage_is_absent_in_both(lowres_plans):
+    plans, reference = lowres_plans["ct_drop"]
+    assert "3d_lowres" not in plans.configurations and "3d_lowres" not in reference["configurations"]
+    assert "3d_cascade_fullres" not in reference["configurations"]
+
+
+def test_lowres_plans_round_trip_through_json(lowres_plans, tmp_path: Path):
+    plans, _ = lowres_plans["ct_large"]
+    plans.save(tmp_path / "plans.json")
+    assert Plans.load(tmp_path / "plans.json") == plans
+
+
+def test_lowres_overrides_apply_to_lowres_only(lowres_plans):
+    default, _ = lowres_plans["ct_large"]
+    plans = make_plans(_lowres_fingerprint("ct_large"),
+                       PlannerSettings(configuration="3d_lowres", patch_size=(96, 96, 96), batch_size=3))
+    lowres = plans.configuration("3d_lowres")
+    assert lowres.patch_size == (96, 96, 96) and lowres.batch_size == 3
+    # same stage (the search started from the default fullres patch), only the patch and batch differ
+    assert lowres.spacing == default.configuration("3d_lowres").spacing
+    assert lowres.median_image_size_in_voxels == default.configuration("3d_lowres").median_image_size_in_voxels
+    assert lowres.patch_size != default.configuration("3d_lowres").patch_size
+    assert plans.configuration("3d_fullres") == default.configuration("3d_fullres")
+    assert plans.configuration("2d") == default.configuration("2d")
+
+
+def test_a_fullres_patch_override_leaves_lowres_at_its_default_patch(lowres_plans):
+    default, _ = lowres_plans["ct_large"]
+    plans = make_plans(_lowres_fingerprint("ct_large"), PlannerSettings(patch_size=(96, 96, 96)))
+    assert plans.configuration("3d_fullres").patch_size == (96, 96, 96)
+    # the search from a smaller fullres patch takes the same steps: only whether it starts depends on it
+    assert plans.configuration("3d_lowres") == default.configuration("3d_lowres")
+
+
+@pytest.mark.parametrize(("name", "why"), [("acdc", "already covers"), ("ct_drop", "less than 2x")])
+def test_lowres_without_a_stage_is_an_error(shared: Path, name: str, why: str):
+    fingerprint = fingerprint_from_reference(shared, name) if name == "acdc" else _lowres_fingerprint(name)
+    with pytest.raises(ConfigError, match=f"no 3d_lowres stage.*{why}") as raised:
+        make_plans(fingerprint, PlannerSettings(configuration="3d_lowres"))
+    assert "3d_fullres" in raised.value.fix
+
+
+def test_an_unknown_configuration_is_an_error(shared: Path):
+    with pytest.raises(ConfigError, match="3d_cascade_fullres"):
+        _acdc(shared, configuration="3d_cascade_fullres")
 
 
 @pytest.mark.parametrize("name", LOWRES_REFERENCES)
@@ -227,3 +310,9 @@ def test_plan_folder_names_of_existing_caches_do_not_change():
     assert plans_dir_for(Path("c"), PlannerSettings(architecture="ResidualEncoderUNet", patch_size=(16, 32, 32))
                          ).name == "ResidualEncoderUNet-3d_fullres-63a5541c"
     assert plans_dir_for(Path("c"), PlannerSettings(base_num_features=8)).name != "PlainConvUNet-3d_fullres-84849d37"
+
+
+def test_the_plan_table_lists_lowres_when_planned(lowres_plans):
+    header = render_plan(lowres_plans["ct_large"][0], "3d_lowres").splitlines()[0].split()
+    assert header == ["3d_fullres", "3d_lowres", "*", "2d"]
+    assert render_plan(lowres_plans["ct_drop"][0], "3d_fullres").splitlines()[0].split() == ["3d_fullres", "*", "2d"]

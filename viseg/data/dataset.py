@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from viseg.data.labels import RegionLabels
+
 Severity = Literal["error", "warning"]
 
 
@@ -55,6 +57,7 @@ class DatasetInfo:
     num_training: int | None
     file_ending: str
     dataset_json: Path
+    regions: RegionLabels | None = None  # region-based labels: the regions, `labels` their label values
 
     @property
     def num_channels(self) -> int:

@@ -7,6 +7,11 @@ inside the organ and off the vessel. Labels: lesion overrides vessel overrides o
 
 It exists so that the tests and the default sweep can plan, train and predict end to end on a laptop CPU in
 minutes, with no download. Everything depends only on the seed; case i is the same whatever n_cases is.
+
+The region variant (`DemoSpec(regions=True)`, `python -m viseg.demo --regions`) has the same images and label
+files with nnU-Net's region-based dataset.json: "organ" is the organ including its lesions (values 1 and 3),
+"vessel" and "lesion" are regions of one value, and regions_class_order [1, 2, 3] turns the predicted regions
+back into the same label values.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class DemoSpec:
 
     n_cases: int = 20
     seed: int = 0
+    regions: bool = False  # the region-based dataset.json (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.n_cases < 1:
@@ -154,7 +160,16 @@ def _save_nifti(arr_zyx: np.ndarray, spacing_zyx: tuple[float, ...], path: Path)
 
 
 def _marker(spec: DemoSpec) -> dict:
-    return {"version": DEMO_VERSION, "spec": asdict(spec)}
+    fields = asdict(spec)
+    if not spec.regions:  # the label-based demo's marker as it was before regions, so caches stay valid
+        fields.pop("regions")
+    return {"version": DEMO_VERSION, "spec": fields}
+
+
+def _labels(spec: DemoSpec) -> dict:
+    if not spec.regions:
+        return {"labels": {name: value for value, name in enumerate(_LABEL_NAMES)}}
+    return {"labels": {"background": 0, "organ": [1, 3], "vessel": 2, "lesion": 3}, "regions_class_order": [1, 2, 3]}
 
 
 def _write_dataset(root: Path, spec: DemoSpec, progress: bool) -> None:
@@ -167,7 +182,7 @@ def _write_dataset(root: Path, spec: DemoSpec, progress: bool) -> None:
         _save_nifti(label, spacing, root / "labelsTr" / f"demo_{i:03d}.nii.gz")
     write_json_atomic(root / "dataset.json", {
         "channel_names": {"0": "MRI"},
-        "labels": {name: value for value, name in enumerate(_LABEL_NAMES)},
+        **_labels(spec),
         "numTraining": spec.n_cases,
         "file_ending": ".nii.gz",
         "name": "VisegDemo",
@@ -212,7 +227,8 @@ def is_demo_dataset(path: Path, spec: DemoSpec) -> bool:
 
 def demo_dataset_dir(cache_dir: Path, spec: DemoSpec = DemoSpec()) -> Path:
     """Deterministic cache location for `spec` (the "Dataset900_" prefix keeps nnU-Net naming)."""
-    return Path(cache_dir) / "demo" / f"Dataset900_VisegDemo_n{spec.n_cases}_s{spec.seed}"
+    suffix = "_regions" if spec.regions else ""
+    return Path(cache_dir) / "demo" / f"Dataset900_VisegDemo_n{spec.n_cases}_s{spec.seed}{suffix}"
 
 
 def ensure_demo_dataset(cache_dir: Path, spec: DemoSpec = DemoSpec(), progress: bool = True) -> Path:

@@ -9,6 +9,11 @@ This module is the one owner of two rules that several stages need:
 * The training encoding (`LabelEncoding`): the loader turns the preprocessed label values into codes,
   augmentation moves them with the image, then the loss, the pseudo-Dice and the full-case validation read
   them. Defining the codes here, once, keeps the loader and the augmenter from each re-deriving them.
+* Regions (nnU-Net's region-based training, e.g. BraTS: whole tumour > tumour core > enhancing tumour).
+  dataset.json then maps a name to a list of label values, and `regions_class_order` says which label
+  value each region writes when the outputs become a label map again. The network has one sigmoid output
+  per region; `split_region_labels` turns such a dataset.json into the label values every other stage
+  knows (the union of the regions) plus the regions themselves, and `LabelEncoding` carries both.
 """
 
 from __future__ import annotations
@@ -16,13 +21,91 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from viseg.errors import ConfigError
 
+Region = int | tuple[int, ...]  # one label value, or several merged into one region (nnU-Net's regions)
 IGNORE = "ignore"  # the dataset.json label name nnU-Net reserves for unannotated voxels
+BACKGROUND = "background"
+
+
+@dataclass(frozen=True)
+class RegionLabels:
+    """dataset.json's region definitions: `regions[i]` (label values) is output i of the network and writes
+    label value `class_order[i]` into the label map, later regions over earlier ones."""
+
+    names: tuple[str, ...]
+    regions: tuple[tuple[int, ...], ...]
+    class_order: tuple[int, ...] | None  # None: dataset.json has no regions_class_order (verification says so)
+
+
+def has_regions(raw_labels: Mapping[str, object]) -> bool:
+    """nnU-Net's rule: region-based as soon as one label maps to more than one value."""
+    return any(isinstance(v, list | tuple) and len(v) > 1 for v in raw_labels.values())
+
+
+def split_region_labels(raw_labels: Mapping[str, object], class_order: Sequence[int] | None
+                        ) -> tuple[dict[str, int], RegionLabels]:
+    """A region dataset.json's labels -> (name -> value for every label value, the regions).
+
+    The label files hold plain values (BraTS: 1, 2, 3); the names belong to the regions. A value keeps the
+    name of a region that is that value alone, else it is called `label_<value>`, so that every stage that
+    reads `name -> value` labels (verification, fingerprint, sampling) works on region datasets unchanged.
+    Every foreground entry is a region, single values included (nnU-Net's LabelManager)."""
+    names, regions = [], []
+    for name, value in raw_labels.items():
+        if name in (IGNORE, BACKGROUND):
+            continue
+        values = tuple(int(v) for v in value) if isinstance(value, list | tuple) else (int(value),)
+        names.append(str(name))
+        regions.append(values)
+    single = {region[0]: name for name, region in zip(names, regions) if len(region) == 1}
+    every = sorted({v for region in regions for v in region} - {0})
+    labels = {BACKGROUND: 0, **{single.get(v, f"label_{v}"): v for v in every}}
+    if IGNORE in raw_labels:
+        labels[IGNORE] = int(raw_labels[IGNORE])  # type: ignore[call-overload]
+    order = tuple(int(v) for v in class_order) if class_order is not None else None
+    return labels, RegionLabels(tuple(names), tuple(regions), order)
+
+
+def region_problems(regions: RegionLabels, label_values: Sequence[int]) -> list[tuple[str, str]]:
+    """(message, fix) for every way the region definitions cannot be trained or turned back into labels."""
+    if regions.class_order is None:
+        return [("labels are regions (a name maps to several values) but dataset.json has no regions_class_order",
+                 f'add "regions_class_order": [...] with one label value per region, in the order of "labels" '
+                 f"({', '.join(regions.names)})")]
+    problems = []
+    if len(regions.class_order) != len(regions.regions):
+        problems.append((f"regions_class_order {list(regions.class_order)} has {len(regions.class_order)} entries "
+                         f"for {len(regions.regions)} regions ({', '.join(regions.names)})",
+                         "give one label value per region, in the order of \"labels\""))
+    unknown = sorted(set(regions.class_order) - set(label_values))
+    if unknown:
+        problems.append((f"regions_class_order lists {unknown}, which no region contains "
+                         f"(the label values are {list(label_values)})",
+                         "list label values the regions are made of"))
+    if not problems:
+        for value in label_values:
+            back = regions_to_label(tuple(value in r for r in regions.regions), regions.class_order)
+            if back != value:
+                problems.append((f"label value {value} comes back as {back} from its regions "
+                                 f"({[n for n, r in zip(regions.names, regions.regions) if value in r]}) by "
+                                 f"regions_class_order {list(regions.class_order)}: predictions could never "
+                                 f"contain it", "order the regions from the largest to the innermost, each "
+                                 "writing the value only it adds (nnU-Net's BraTS: [1, 2, 3])"))
+    return problems
+
+
+def regions_to_label(inside: Sequence[bool], class_order: Sequence[int]) -> int:
+    """The label value a voxel gets from the regions it is in (the last region listed wins)."""
+    value = 0
+    for is_inside, label in zip(inside, class_order):
+        if is_inside:
+            value = int(label)
+    return value
 
 
 def ignore_label(labels: Mapping[str, int]) -> int | None:
@@ -71,6 +154,19 @@ def choose_foreground_labels(labels: Mapping[str, int], requested: Sequence[int]
     return tuple(sorted(int(v) for v in requested))
 
 
+def planned_labels(labels: Mapping[str, int], regions: Sequence[Sequence[int]], region_names: Sequence[str],
+                   class_order: Sequence[int], requested: Sequence[int] | None, dataset_name: str) -> dict[str, Any]:
+    """The label fields of a plan (Plans' labels, foreground_labels, regions, region_names,
+    regions_class_order) from a dataset's labels and regions and the user's foreground_labels."""
+    if regions and requested is not None:
+        raise ConfigError(f"foreground_labels={list(requested)} cannot narrow dataset {dataset_name}: its labels are "
+                          f"regions ({', '.join(region_names)}), which decide what the network predicts",
+                          fix="drop foreground_labels=, or edit the regions in dataset.json")
+    return {"labels": dict(labels), "foreground_labels": choose_foreground_labels(labels, requested, dataset_name),
+            "regions": tuple(tuple(int(v) for v in r) for r in regions), "region_names": tuple(region_names),
+            "regions_class_order": tuple(int(v) for v in class_order)}
+
+
 @dataclass(frozen=True)
 class LabelEncoding:
     """The label codes between the loader and the loss.
@@ -84,6 +180,9 @@ class LabelEncoding:
 
     foreground_labels: tuple[int, ...]
     ignore_label: int | None = None
+    # region-based training: the label values of each region (network output i) and what each writes back
+    regions: tuple[tuple[int, ...], ...] = ()
+    regions_class_order: tuple[int, ...] = ()
     OUTSIDE: ClassVar[int] = -1  # preprocessing's value outside the nonzero mask; the loader pads with it
 
     def __post_init__(self) -> None:
@@ -93,6 +192,35 @@ class LabelEncoding:
         if self.ignore_label is not None and (self.ignore_label <= 0 or self.ignore_label in labels):
             raise ConfigError(f"the ignore label {self.ignore_label} must be positive and not one of the "
                               f"foreground_labels {labels}")
+        if self.regions and len(self.regions_class_order) != len(self.regions):
+            raise ConfigError(f"{len(self.regions)} regions need as many regions_class_order entries, got "
+                              f"{list(self.regions_class_order)}")
+        stray = sorted({v for region in self.regions for v in region} - set(labels))
+        if stray:
+            raise ConfigError(f"regions contain label values {stray} that are not foreground_labels {labels}")
+
+    @property
+    def has_regions(self) -> bool:
+        return bool(self.regions)
+
+    @property
+    def num_outputs(self) -> int:
+        """Network outputs: one per region (sigmoid), else background and each class (softmax)."""
+        return len(self.regions) if self.regions else self.num_classes
+
+    @property
+    def scored(self) -> tuple[int | tuple[int, ...], ...]:
+        """What is scored, in label values: each foreground label, or each region (a single-value region as
+        that value, the way nnU-Net keys it)."""
+        if not self.regions:
+            return self.foreground_labels
+        return tuple(r[0] if len(r) == 1 else r for r in self.regions)
+
+    @property
+    def region_codes(self) -> tuple[tuple[int, ...], ...]:
+        """The regions in codes (what the loss sees after `encode`)."""
+        code = {value: k for k, value in enumerate(self.foreground_labels, start=1)}
+        return tuple(tuple(code[v] for v in region) for region in self.regions)
 
     @classmethod
     def for_classes(cls, num_classes: int, ignore: bool = False) -> LabelEncoding:

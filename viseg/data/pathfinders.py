@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from viseg.data.dataset import Case, DatasetInfo, Discovery, ImageSource, Problem
+from viseg.data.labels import RegionLabels, has_regions, split_region_labels
 from viseg.errors import ConfigError
 
 DATASET_JSON = "dataset.json"
@@ -71,6 +72,10 @@ class PathFinder(ABC):
     @abstractmethod
     def _labels_from_json(self, raw: dict[str, Any]) -> dict[str, int] | None:
         """dataset.json labels normalised to name -> value."""
+
+    def _regions_from_json(self, raw: dict[str, Any]) -> RegionLabels | None:
+        """dataset.json's regions, for layouts that have them."""
+        return None
 
     # -- shared helpers -------------------------------------------------------------------------------
     def _registry_name(self) -> str:
@@ -133,6 +138,7 @@ class PathFinder(ABC):
         if not ok:
             return None
         name = raw.get("name") if isinstance(raw.get("name"), str) else self.basepath.name
+        regions = self._regions_from_json(raw)
         return DatasetInfo(
             name=name,
             root=self.basepath,
@@ -141,6 +147,7 @@ class PathFinder(ABC):
             num_training=num_training,
             file_ending=file_ending,
             dataset_json=path,
+            regions=regions,
         )
 
 
@@ -151,12 +158,27 @@ class DefaultNNUnetFormatPathFinder(PathFinder):
     REQUIRED_KEYS = ("numTraining", "file_ending")
 
     def _labels_from_json(self, raw: dict[str, Any]) -> dict[str, int] | None:
+        """name -> value; with regions (a name -> list of values, nnU-Net's format) the label values of
+        their union, the regions themselves going to `_regions_from_json`."""
         labels = raw.get("labels")
         if not isinstance(labels, dict) or not labels:
             return None
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
-            return None  # region-based labels (lists) are not supported
-        return dict(labels)
+        if not all(_is_int(v) or (isinstance(v, list) and v and all(_is_int(i) for i in v)) for v in labels.values()):
+            return None
+        if has_regions(labels):
+            return split_region_labels(labels, None)[0]
+        return {name: int(v[0]) if isinstance(v, list) else int(v) for name, v in labels.items()}
+
+    def _regions_from_json(self, raw: dict[str, Any]) -> RegionLabels | None:
+        labels, order = raw.get("labels"), raw.get("regions_class_order")
+        if not isinstance(labels, dict) or not has_regions(labels):
+            return None
+        if order is not None and not (isinstance(order, list) and all(_is_int(v) for v in order)):
+            self._problem("regions", f"{self.basepath / DATASET_JSON}: regions_class_order must be a list of label "
+                          f"values, got {order!r}", 'write e.g. "regions_class_order": [1, 2, 3]',
+                          file=self.basepath / DATASET_JSON)
+            order = None
+        return split_region_labels(labels, order)[1]
 
     def _image_files(self, ending: str) -> dict[tuple[str, int], list[Path]]:
         folder = self.basepath / self.img_foldername
@@ -358,3 +380,7 @@ def _strip_nifti_ending(name: str) -> str | None:
         if name.endswith(ending):
             return name[: -len(ending)]
     return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

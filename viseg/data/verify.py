@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from viseg.data.dataset import Case, DatasetInfo, Discovery, Problem, Severity
-from viseg.data.labels import IGNORE, ignore_label_problem
+from viseg.data.labels import IGNORE, class_labels, ignore_label_problem, region_problems
 from viseg.data.nifti import READ_ERRORS, VolumeHeader, read_header, read_voxels
 from viseg.errors import DatasetError
 from viseg.parallel import parallel_map
@@ -126,6 +126,9 @@ def check_dataset_info(info: DatasetInfo, n_cases: int) -> list[Problem]:
                                 f'in "labels" of dataset.json number the other labels 0..{others - 1} and give '
                                 f'"{IGNORE}" the value {others}, then relabel the voxels in every label file',
                                 file=where))
+    if info.regions is not None:
+        for message, fix in region_problems(info.regions, class_labels(info.labels)):
+            problems.append(Problem("regions", f"{where}: {message}", fix, file=where))
     if info.num_training is not None and info.num_training != n_cases:
         problems.append(Problem("num-training", f"dataset.json says numTraining={info.num_training} but "
                                 f"{_plural(n_cases, 'case')} were found",

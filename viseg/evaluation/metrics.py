@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-Region = int | tuple[int, ...]  # one label value, or several merged into one region (nnU-Net's regions)
+from viseg.data.labels import Region
+
 Metrics = dict[str, Any]
 
 METRIC_KEYS = ("Dice", "IoU", "TP", "FP", "FN", "n_pred", "n_ref", "volume_pred_ml", "volume_ref_ml",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from viseg.cli import to_typed
 from viseg.config import BaseConfig
+from viseg.data.labels import Region
 from viseg.errors import ConfigError
 from viseg.inference import nnunet_model
 from viseg.io.jsonio import read_json
@@ -38,7 +39,7 @@ class Postprocessing:
     """postprocessing.json (written by model selection): labels whose largest connected component alone is
     kept, nnU-Net's remove_all_but_largest_component."""
 
-    largest_component_labels: tuple[int, ...]
+    largest_component_labels: tuple[Region, ...]  # label values, or regions (tuples) of a region model
     source: Path
 
     @classmethod
@@ -48,10 +49,12 @@ class Postprocessing:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read {path}: {exc}", fix="rewrite it as valid JSON") from None
         labels = raw.get("largest_component_labels") if isinstance(raw, dict) else None
-        if not isinstance(labels, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+        if not isinstance(labels, list) or not all(_is_int(v) or (isinstance(v, list) and v and all(map(_is_int, v)))
+                                                   for v in labels):
             raise ConfigError(f"{path} must hold {{\"largest_component_labels\": [<label values>]}}, got {raw!r}",
-                              fix="list integer label values, e.g. {\"largest_component_labels\": [1, 3]}")
-        return cls(tuple(labels), path)
+                              fix="list integer label values, e.g. {\"largest_component_labels\": [1, 3]} (a "
+                                  "region model's regions as lists: [[1, 2, 3], 3])")
+        return cls(tuple(tuple(v) if isinstance(v, list) else v for v in labels), path)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,11 @@ class Ensemble:
     @property
     def label_values(self) -> tuple[int, ...]:
         return (0, *self.plans.foreground_labels)
+
+    @property
+    def scored(self) -> tuple[Region, ...]:
+        """What the model predicts, as postprocessing names it: label values, or a region model's regions."""
+        return self.plans.label_encoding().scored
 
 
 # -- model= -> run folders ------------------------------------------------------------------------------
@@ -294,12 +302,12 @@ def _load_run(run_dir: Path, checkpoint: str) -> _LoadedRun:
     if nnunet_model.is_nnunet_fold_dir(run_dir):
         return _load_nnunet_fold(run_dir, checkpoint)
 
-    from viseg.planning.planner import CONFIGURATION_BY_DIM
+    from viseg.preprocessing.prepare import configuration_name
     path = checkpoint_path(run_dir, checkpoint)
     data = load_checkpoint(path)
     cfg = run_config(data, path)
     plans = plans_from_dict(data["viseg"]["plans"], source=str(path))
-    configuration = CONFIGURATION_BY_DIM[cfg.model.model_args.conv_dim]
+    configuration = configuration_name(cfg)
     state = network_state(data)
     return _LoadedRun(run_dir, _network(plans, configuration, state, path), plans, configuration,
                       training_mirror_axes(cfg), cfg.dataset.pathfinder, _file_ending(run_dir),
@@ -367,3 +375,7 @@ def load_ensemble(run_dirs: list[Path] | tuple[Path, ...], checkpoint: str = "fi
                     plans=runs[0].plans, configuration=runs[0].configuration, mirror_axes=tuple(sorted(axes)),
                     device=torch.device(target), pathfinder=runs[0].pathfinder, file_ending=runs[0].file_ending,
                     weights_file=runs[0].weights_file)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from viseg.data.labels import Region
 from viseg.io.atomic import write_atomically
 from viseg.planning.plans import Plans
 from viseg.preprocessing.preprocess import CaseProperties
@@ -23,6 +24,7 @@ from viseg.preprocessing.resampling import resample_image
 # "force_separate_z": null}. Linear (not cubic) keeps interpolated probabilities in [0, 1] and summing to 1;
 # order_z and force_separate_z are the data resampling's, which the plan holds.
 PROBABILITY_ORDER = 1
+REGION_THRESHOLD = 0.5  # a region's sigmoid probability above which a voxel is in it (nnU-Net's)
 
 
 def revert_geometry(probabilities: np.ndarray, properties: CaseProperties, plans: Plans,
@@ -41,7 +43,8 @@ def revert_geometry(probabilities: np.ndarray, properties: CaseProperties, plans
         raise ValueError(f"reverted crop has shape {cropped.shape[1:]} but the bbox spans {expected}: "
                          "transpose or bbox bookkeeping is inconsistent")
     full = np.zeros((cropped.shape[0], *properties.shape_before_crop), dtype=np.float32)
-    full[0] = 1.0  # outside the nonzero box there is only background (nnU-Net: revert_cropping_on_probabilities)
+    if not plans.regions:  # outside the nonzero box there is only background; regions: in none of them
+        full[0] = 1.0  # (nnU-Net's revert_cropping_on_probabilities)
     full[(slice(None), *box)] = cropped
     return full
 
@@ -51,14 +54,24 @@ def label_dtype(label_values: Sequence[int]) -> np.dtype:
     return np.dtype(np.uint8) if max(label_values) <= np.iinfo(np.uint8).max else np.dtype(np.int16)
 
 
-def probabilities_to_labels(probabilities: np.ndarray, label_values: Sequence[int]) -> np.ndarray:
-    """argmax over classes, then class k -> original label value label_values[k]."""
-    lookup = np.asarray(label_values, dtype=label_dtype(label_values))
-    return lookup[np.asarray(probabilities).argmax(0)]
+def probabilities_to_labels(probabilities: np.ndarray, label_values: Sequence[int],
+                            regions_class_order: Sequence[int] = ()) -> np.ndarray:
+    """argmax over classes, then class k -> original label value label_values[k]. With regions (sigmoid
+    outputs), region i at probability > 0.5 writes `regions_class_order[i]`, later regions over earlier
+    ones (nnU-Net's convert_probabilities_to_segmentation)."""
+    probabilities = np.asarray(probabilities)
+    if not regions_class_order:
+        lookup = np.asarray(label_values, dtype=label_dtype(label_values))
+        return lookup[probabilities.argmax(0)]
+    segmentation = np.zeros(probabilities.shape[1:], dtype=label_dtype(regions_class_order))
+    for channel, value in enumerate(regions_class_order):
+        segmentation[probabilities[channel] > REGION_THRESHOLD] = value
+    return segmentation
 
 
-def keep_largest_component(segmentation: np.ndarray, labels: Sequence[int]) -> np.ndarray:
-    """For each label value, keep only its largest connected component; the rest becomes background.
+def keep_largest_component(segmentation: np.ndarray, labels: Sequence[Region]) -> np.ndarray:
+    """For each label value (or region: the union of its values), keep only its largest connected component;
+    the rest becomes background.
 
     Full connectivity (26 neighbours in 3D), as nnU-Net's remove_all_but_largest_component (skimage's
     label with connectivity=None)."""
@@ -68,7 +81,8 @@ def keep_largest_component(segmentation: np.ndarray, labels: Sequence[int]) -> n
     out = segmentation.copy()
     structure = generate_binary_structure(out.ndim, out.ndim)
     for value in labels:
-        components, count = connected_components(out == value, structure=structure)
+        mask = np.isin(out, value) if isinstance(value, tuple) else out == value
+        components, count = connected_components(mask, structure=structure)
         if count < 2:
             continue
         sizes = np.bincount(components.ravel())
@@ -92,12 +106,22 @@ def write_segmentation(segmentation: np.ndarray, reference: Path, path: Path) ->
     write_atomically(path, lambda tmp: nib.save(image, str(tmp)), keep_ending=True)
 
 
-def write_probabilities(probabilities: np.ndarray, label_values: Sequence[int], path: Path) -> None:
+def write_probabilities(probabilities: np.ndarray, label_values: Sequence[int], path: Path,
+                        regions: Sequence[Sequence[int]] = ()) -> None:
     """`<case>.npz`: 'probabilities' float32 (K, X, Y, Z), the label NIfTI's array order, so that
-    argmax(0) overlays the written label map voxel for voxel; 'labels' the label value of each channel."""
+    argmax(0) overlays the written label map voxel for voxel; 'labels' the label value of each channel.
+    A region model's channels are sigmoid probabilities of its regions: 'regions' then holds each one's
+    label values (-1 padded), and 'labels' the value each region writes (regions_class_order)."""
     data = np.ascontiguousarray(np.asarray(probabilities, dtype=np.float32).transpose(0, 3, 2, 1))
     def fill(tmp: Path) -> None:
         with tmp.open("wb") as handle:
-            np.savez_compressed(handle, probabilities=data, labels=np.asarray(label_values, dtype=np.int16))
+            extra = {"regions": _padded(regions)} if regions else {}
+            np.savez_compressed(handle, probabilities=data, labels=np.asarray(label_values, dtype=np.int16),
+                                **extra)
 
     write_atomically(path, fill)
+
+
+def _padded(regions: Sequence[Sequence[int]]) -> np.ndarray:
+    width = max(len(r) for r in regions)
+    return np.asarray([[*r, *[-1] * (width - len(r))] for r in regions], dtype=np.int16)

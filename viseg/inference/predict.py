@@ -46,7 +46,8 @@ class PredictionReport:
 
 
 def ensemble_probabilities(ensemble: Ensemble, data: np.ndarray, options: InferenceOptions) -> np.ndarray:
-    """Softmax averaged over the ensemble's networks, (K, *data's spatial shape) on the plan's grid.
+    """Softmax (a region plan: sigmoid) averaged over the ensemble's networks, (K, *data's spatial shape) on
+    the plan's grid.
 
     Probabilities, not logits, are averaged, so every member weighs the same however confident it is."""
 
@@ -58,7 +59,8 @@ def ensemble_probabilities(ensemble: Ensemble, data: np.ndarray, options: Infere
     total = None
     for network in ensemble.networks:
         probabilities = predict_volume(network, data, plan.patch_size, ensemble.num_classes, device,
-                                       mirror_axes=axes, batch_size=options.batch_size, step=options.step)
+                                       mirror_axes=axes, batch_size=options.batch_size, step=options.step,
+                                       regions=bool(ensemble.plans.regions))
         total = probabilities if total is None else total + probabilities
     return (total / len(ensemble.networks)).float().cpu().numpy()
 
@@ -80,11 +82,11 @@ def predict_case(ensemble: Ensemble, image: np.ndarray, spacing: tuple[float, ..
 
 
 def segment(probabilities: np.ndarray, label_values: tuple[int, ...],
-            postprocessing: Postprocessing | None = None) -> np.ndarray:
+            postprocessing: Postprocessing | None = None, regions_class_order: tuple[int, ...] = ()) -> np.ndarray:
     """Label map (original label values) from probabilities, postprocessed when a spec is given."""
 
     from viseg.inference.export import keep_largest_component, probabilities_to_labels
-    labels = probabilities_to_labels(probabilities, label_values)
+    labels = probabilities_to_labels(probabilities, label_values, regions_class_order)
     if postprocessing is not None:
         labels = keep_largest_component(labels, postprocessing.largest_component_labels)
     return labels
@@ -93,10 +95,10 @@ def segment(probabilities: np.ndarray, label_values: tuple[int, ...],
 def check_postprocessing(postprocessing: Postprocessing | None, ensemble: Ensemble) -> None:
     if postprocessing is None:
         return
-    unknown = sorted(set(postprocessing.largest_component_labels) - set(ensemble.label_values[1:]))
+    unknown = [v for v in postprocessing.largest_component_labels if v not in ensemble.scored]
     if unknown:
         raise ConfigError(f"{postprocessing.source} names label(s) {unknown} the model does not predict "
-                          f"(it predicts {list(ensemble.label_values[1:])})",
+                          f"(it predicts {list(ensemble.scored)})",
                           fix="list only predicted label values in largest_component_labels")
 
 
@@ -123,10 +125,12 @@ def predict_one(ensemble: Ensemble, case_input: CaseInput, output: Path, options
     _check_finite(case_input, arrays.image)
     probabilities = predict_case(ensemble, arrays.image, arrays.spacing, options, case_input.case_id)
     target = output / f"{case_input.case_id}{ensemble.file_ending}"
-    write_segmentation(segment(probabilities, ensemble.label_values, postprocessing),
+    plans = ensemble.plans
+    write_segmentation(segment(probabilities, ensemble.label_values, postprocessing, plans.regions_class_order),
                        case_input.case.images[0].path, target)
     if save_probabilities:
-        write_probabilities(probabilities, ensemble.label_values, output / f"{case_input.case_id}.npz")
+        write_probabilities(probabilities, plans.regions_class_order or ensemble.label_values,
+                            output / f"{case_input.case_id}.npz", plans.regions)
     return target
 
 

@@ -93,12 +93,15 @@ def _predict(network: nn.Module, batch: Tensor, mirror_axes: Sequence[int]) -> T
 @torch.no_grad()
 def predict_volume(network: nn.Module, data: np.ndarray, patch_size: Sequence[int], num_classes: int,
                    device: torch.device, mirror_axes: Sequence[int] = (), batch_size: int = 2,
-                   step: float = 0.5) -> Tensor:
-    """Softmax probabilities (K, Z, Y, X) for a preprocessed volume; a 2D network runs slice by slice."""
+                   step: float = 0.5, regions: bool = False) -> Tensor:
+    """Probabilities (K, Z, Y, X) for a preprocessed volume: softmax over classes, or with `regions` a
+    sigmoid per region output (nnU-Net's inference_nonlin); a 2D network runs slice by slice."""
     volume = torch.from_numpy(np.array(data, dtype=np.float32)).to(device)  # a copy: memmaps are read-only
     if len(patch_size) == volume.ndim - 1:
-        return torch.softmax(sliding_window_logits(network, volume, patch_size, num_classes, step=step,
-                                                   batch_size=batch_size, mirror_axes=mirror_axes), 0)
-    slices = [sliding_window_logits(network, volume[:, z], patch_size, num_classes, step=step,
-                                    batch_size=batch_size, mirror_axes=mirror_axes) for z in range(volume.shape[1])]
-    return torch.softmax(torch.stack(slices, dim=1), 0)
+        logits = sliding_window_logits(network, volume, patch_size, num_classes, step=step, batch_size=batch_size,
+                                       mirror_axes=mirror_axes)
+    else:
+        logits = torch.stack([sliding_window_logits(network, volume[:, z], patch_size, num_classes, step=step,
+                                                    batch_size=batch_size, mirror_axes=mirror_axes)
+                              for z in range(volume.shape[1])], dim=1)
+    return torch.sigmoid(logits) if regions else torch.softmax(logits, 0)

@@ -53,12 +53,18 @@ def cached_case_files(case_id: str) -> CachedCaseFiles:
     return CachedCaseFiles(f"{case_id}_data.npy", f"{case_id}_seg.npy", f"{case_id}_fg.npz", f"{case_id}.json")
 
 
-def foreground_key(label_value: int) -> str:
-    return f"class_{label_value}"
+def foreground_key(label_value: int | tuple[int, ...]) -> str:
+    """`class_1`, or for a region (several label values) `class_(1, 2, 3)`."""
+    if isinstance(label_value, tuple):
+        return f"class_{tuple(int(v) for v in label_value)}"
+    return f"class_{int(label_value)}"
 
 
-def label_of_foreground_key(key: str) -> int:
-    return int(key.removeprefix("class_"))
+def label_of_foreground_key(key: str) -> int | tuple[int, ...]:
+    value = key.removeprefix("class_")
+    if value.startswith("("):
+        return tuple(int(v) for v in value.strip("(),").split(",") if v.strip())
+    return int(value)
 
 
 def weights_file(weights: str) -> str:

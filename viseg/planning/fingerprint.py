@@ -50,6 +50,10 @@ class Fingerprint:
     class_voxel_counts: dict[str, list[int]]  # label value -> voxels per case, in case order
     schema_version: int = FINGERPRINT_SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    # region-based labels (dataset.json, see viseg.data.labels): empty for label-based datasets
+    regions: list[list[int]] = field(default_factory=list)
+    region_names: list[str] = field(default_factory=list)
+    regions_class_order: list[int] = field(default_factory=list)
 
     @property
     def num_cases(self) -> int:
@@ -161,4 +165,12 @@ def extract_fingerprint(
         median_relative_size_after_cropping=float(np.median([c.relative_size_after_cropping for c in per_case])),
         foreground_intensity_properties_per_channel=stats,
         class_voxel_counts={str(v): [c.class_voxel_counts.get(v, 0) for c in per_case] for v in label_values},
+        **_region_fields(info),
     )
+
+
+def _region_fields(info: DatasetInfo) -> dict[str, Any]:
+    if info.regions is None:
+        return {}
+    return {"regions": [list(r) for r in info.regions.regions], "region_names": list(info.regions.names),
+            "regions_class_order": list(info.regions.class_order or ())}

@@ -1,7 +1,7 @@
 """Fingerprint + planner settings -> Plans: nnU-Net v2's default experiment planner as a pure function.
 
-Target spacing (median, with nnU-Net's anisotropy rule), transpose, patch size, batch size and network
-topology follow nnU-Net's `ExperimentPlanner` step by step, and the GPU memory estimate is
+Target spacing (median, with nnU-Net's anisotropy rule), transpose, patch size, batch size, network
+topology and the 3d_lowres stage follow nnU-Net's `ExperimentPlanner` step by step, and the GPU memory estimate is
 dynamic-network-architectures' own feature-map count, so plans agree with nnU-Net's for the same data.
 User overrides (patch size, spacing, batch size, transpose) enter here, so the planner keeps the
 interdependent values consistent; the network topology itself is never overridden.
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from viseg.data.labels import choose_foreground_labels
+from viseg.data.labels import planned_labels
 from viseg.errors import ConfigError
 from viseg.planning.architectures import Architecture, PlannerPreset, build_network, get_architecture
 from viseg.planning.fingerprint import Fingerprint
@@ -31,6 +31,10 @@ _NORMALIZATION_BY_CHANNEL_NAME = {
 }
 NORMALIZATION_SCHEMES = tuple(sorted(set(_NORMALIZATION_BY_CHANNEL_NAME.values())))  # what preprocessing implements
 CONFIGURATION_BY_DIM = {3: "3d_fullres", 2: "2d"}
+# Every configuration the planner can emit (3d_lowres only for images large against the fullres patch);
+# nnU-Net's 3d_cascade_fullres is not planned: 3d_lowres names it as its next stage for a later cascade.
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+LOWRES_NEXT_STAGE = "3d_cascade_fullres"
 # nnU-Net's 3d_lowres rule (ExperimentPlanner.plan_experiment): a lowres stage is searched when the fullres
 # patch covers under 25 % of the median image, by coarsening the spacing 3 % a step (1.03, not 1.01, keeps
 # the number of memory estimates down), and dropped unless it shrinks the median image at least 2x.
@@ -41,7 +45,9 @@ LOWRES_MIN_SHRINK = 2.0
 
 @dataclass(frozen=True)
 class PlannerSettings:
-    """What the user controls. Overrides apply to `configuration` (the one a run trains)."""
+    """What the user controls. patch_size and batch_size apply to `configuration` (the one a run trains);
+    spacing and transpose_forward set the dataset's fullres target, from which 2d and 3d_lowres derive (as
+    nnU-Net's overwrite_target_spacing also moves 3d_lowres, whose search starts at the fullres spacing)."""
 
     architecture: str = "PlainConvUNet"
     gpu_memory_gb: float = 8.0
@@ -143,7 +149,7 @@ def normalization_schemes(fingerprint: Fingerprint) -> tuple[tuple[str, ...], tu
     return schemes, tuple(masked and s == "ZScoreNormalization" for s in schemes)
 
 
-# -- one configuration (3d_fullres or 2d) ---------------------------------------------------------------
+# -- one configuration (3d_fullres, 3d_lowres or 2d) ----------------------------------------------------
 @dataclass
 class ConfigurationInputs:
     """What one configuration is planned from: its spacing and median image (network axis order), the
@@ -330,8 +336,10 @@ def lowres_stage_inputs(fullres: ConfigurationInputs, fullres_patch: tuple[int, 
 
 
 # -- the whole plan ---------------------------------------------------------------------------------------
-def _foreground_labels(fingerprint: Fingerprint, settings: PlannerSettings) -> tuple[int, ...]:
-    return choose_foreground_labels(fingerprint.labels, settings.foreground_labels, fingerprint.dataset_name)
+def _label_fields(fingerprint: Fingerprint, settings: PlannerSettings) -> dict[str, Any]:
+    """labels, foreground_labels and the regions of a region dataset (viseg.data.labels)."""
+    return planned_labels(fingerprint.labels, fingerprint.regions, fingerprint.region_names,
+                          fingerprint.regions_class_order, settings.foreground_labels, fingerprint.dataset_name)
 
 
 def _target_spacing(default: np.ndarray, settings: PlannerSettings, forward: tuple[int, ...]) -> np.ndarray:
@@ -349,24 +357,53 @@ def _target_spacing(default: np.ndarray, settings: PlannerSettings, forward: tup
     return target
 
 
-def _plan_fullres(inputs: ConfigurationInputs, arch: Architecture, gpu_memory_gb: float,
-                  fingerprint: Fingerprint) -> ConfigurationPlan:
-    """3d_fullres, with batch dice exactly when nnU-Net would also plan a 3d_lowres stage: the images are
-    then large against the patch, and nnU-Net (plan_experiment) switches 3d_fullres to batch dice. The
-    lowres search starts from the patch actually planned, a user's patch_size override included."""
-    estimate = _Estimator(arch, inputs.num_input_channels, inputs.num_output_channels)
-    plan = plan_configuration(inputs, arch, gpu_memory_gb, fingerprint, batch_dice=False, estimate=estimate)
-    lowres = lowres_stage_inputs(inputs, plan.patch_size, arch, gpu_memory_gb, fingerprint.num_cases, estimate)
-    return replace(plan, batch_dice=lowres is not None)
+def _plan_3d(fullres: ConfigurationInputs, arch: Architecture, gpu_memory_gb: float, fingerprint: Fingerprint,
+             settings: PlannerSettings) -> dict[str, ConfigurationPlan]:
+    """3d_fullres and, when nnU-Net has one, 3d_lowres (plan_experiment): one lowres search decides both
+    the stage and 3d_fullres's batch dice (True exactly when the stage exists; 3d_lowres itself False).
+
+    The search starts from the fullres patch actually planned, a user's 3d_fullres patch_size included;
+    the user's patch and batch size for 3d_lowres apply once its spacing is found."""
+    estimate = _Estimator(arch, fullres.num_input_channels, fullres.num_output_channels)
+    fullres_plan = plan_configuration(fullres, arch, gpu_memory_gb, fingerprint, batch_dice=False, estimate=estimate)
+    lowres = lowres_stage_inputs(fullres, fullres_plan.patch_size, arch, gpu_memory_gb, fingerprint.num_cases,
+                                 estimate)
+    if lowres is None:
+        if settings.configuration == "3d_lowres":
+            raise _no_lowres_stage(fullres, fullres_plan)
+        return {"3d_fullres": fullres_plan}
+    if settings.configuration == "3d_lowres":
+        lowres = replace(lowres, patch_size=settings.patch_size, batch_size=settings.batch_size)
+    lowres_plan = plan_configuration(lowres, arch, gpu_memory_gb, fingerprint, batch_dice=False, estimate=estimate)
+    return {"3d_fullres": replace(fullres_plan, batch_dice=True),
+            "3d_lowres": replace(lowres_plan, next_stage=LOWRES_NEXT_STAGE)}
+
+
+def _no_lowres_stage(fullres: ConfigurationInputs, plan: ConfigurationPlan) -> ConfigError:
+    """Why nnU-Net plans no 3d_lowres for this dataset, in the words of its two rules."""
+    coverage = float(np.prod(plan.patch_size, dtype=np.float64) / np.prod(fullres.median_shape, dtype=np.float64))
+    median = [round(float(m), 1) for m in fullres.median_shape]
+    if coverage >= LOWRES_CREATION_THRESHOLD:
+        why = (f"the 3d_fullres patch {list(plan.patch_size)} already covers {coverage:.0%} of the median image "
+               f"{median} (a lowres stage is made below {LOWRES_CREATION_THRESHOLD:.0%})")
+    else:
+        why = (f"the lowres stage nnU-Net searched would shrink the median image {median} less than "
+               f"{LOWRES_MIN_SHRINK:g}x, so it is dropped")
+    return ConfigError(f"configuration=3d_lowres: this dataset gets no 3d_lowres stage: {why}",
+                       fix="train configuration=3d_fullres (or leave configuration unset)")
 
 
 def make_plans(fingerprint: Fingerprint, settings: PlannerSettings) -> Plans:
-    """nnU-Net's default experiment planning for 3d_fullres and 2d, with the user's overrides applied to
-    `settings.configuration`."""
+    """nnU-Net's default experiment planning for 3d_fullres, 3d_lowres (when nnU-Net has one) and 2d, with
+    the user's patch and batch size applied to `settings.configuration`."""
+    if settings.configuration not in CONFIGURATIONS:
+        raise ConfigError(f"configuration {settings.configuration!r} is not one viseg plans",
+                          fix=f"use one of {list(CONFIGURATIONS)}")
     arch = get_architecture(settings.architecture)
     if settings.base_num_features is not None:
         arch = replace(arch, preset=replace(arch.preset, base_num_features=settings.base_num_features))
-    foreground = _foreground_labels(fingerprint, settings)
+    label_fields = _label_fields(fingerprint, settings)
+    foreground = label_fields["foreground_labels"]
     default_target = fullres_target_spacing(fingerprint)
     if settings.transpose_forward is not None:
         forward = tuple(int(i) for i in settings.transpose_forward)
@@ -389,8 +426,8 @@ def make_plans(fingerprint: Fingerprint, settings: PlannerSettings) -> Plans:
 
     configurations: dict[str, ConfigurationPlan] = {}
     if median_t[0] != 1:
-        configurations["3d_fullres"] = _plan_fullres(inputs("3d_fullres", slice(0, 3)), arch, settings.gpu_memory_gb,
-                                                     fingerprint)
+        configurations |= _plan_3d(inputs("3d_fullres", slice(0, 3)), arch, settings.gpu_memory_gb, fingerprint,
+                                   settings)
     configurations["2d"] = plan_configuration(inputs("2d", slice(1, 3)), arch, settings.gpu_memory_gb, fingerprint,
                                               batch_dice=True)
     if settings.configuration not in configurations:
@@ -401,8 +438,7 @@ def make_plans(fingerprint: Fingerprint, settings: PlannerSettings) -> Plans:
         dataset_name=fingerprint.dataset_name,
         dataset_signature=fingerprint.dataset_signature,
         channel_names=tuple(fingerprint.channel_names),
-        labels=dict(fingerprint.labels),
-        foreground_labels=foreground,
+        **label_fields,
         transpose_forward=forward,
         transpose_backward=backward,
         original_median_spacing_after_transp=tuple(

@@ -51,7 +51,7 @@ class ResamplingPlan:
 
 @dataclass(frozen=True)
 class ConfigurationPlan:
-    name: str  # "3d_fullres" or "2d"
+    name: str  # "3d_fullres", "3d_lowres" or "2d"
     spacing: tuple[float, ...]  # network axis order (after transpose_forward)
     patch_size: tuple[int, ...]
     batch_size: int
@@ -63,6 +63,10 @@ class ConfigurationPlan:
     vram_estimate: float  # dynamic-network-architectures' feature-map size for one sample
     vram_reference: float  # what fits the plan's GPU memory target
     resampling: ResamplingPlan = field(default_factory=ResamplingPlan)
+    # nnU-Net's cascade links, by configuration name: 3d_lowres names "3d_cascade_fullres" as its next stage
+    # (a cascade stage would name its previous one). Defaults, so plans.json files written before still load.
+    previous_stage: str | None = None
+    next_stage: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,11 @@ class Plans:
     planner: dict[str, Any]  # the settings the plan was made with (architecture, GPU target, overrides)
     configurations: dict[str, ConfigurationPlan]
     schema_version: int = PLANS_SCHEMA_VERSION
+    # region-based training (dataset.json regions, see viseg.data.labels): each region's label values, its
+    # name, and the label value each writes back; empty for label-based plans (and plans written before)
+    regions: tuple[tuple[int, ...], ...] = ()
+    region_names: tuple[str, ...] = ()
+    regions_class_order: tuple[int, ...] = ()
 
     @property
     def num_channels(self) -> int:
@@ -87,8 +96,9 @@ class Plans:
 
     @property
     def num_classes(self) -> int:
-        """Network outputs: background and the foreground labels; the ignore label has none."""
-        return len(self.foreground_labels) + 1
+        """Network outputs: background and the foreground labels (the ignore label has none), or one sigmoid
+        output per region."""
+        return self.label_encoding().num_outputs
 
     @property
     def ignore_label(self) -> int | None:
@@ -97,7 +107,8 @@ class Plans:
 
     def label_encoding(self) -> LabelEncoding:
         """How this plan's label maps are encoded for the loss (classes, and the ignore label if any)."""
-        return LabelEncoding(tuple(self.foreground_labels), self.ignore_label)
+        return LabelEncoding(tuple(self.foreground_labels), self.ignore_label, tuple(self.regions),
+                             tuple(self.regions_class_order))
 
     def configuration(self, name: str) -> ConfigurationPlan:
         if name not in self.configurations:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from viseg.data.labels import choose_foreground_labels
+from viseg.data.labels import planned_labels
 from viseg.errors import ConfigError
 from viseg.io.jsonio import read_json
 from viseg.io.layout import is_run_dir
@@ -106,8 +106,8 @@ def transfer_plans(source: PlanSource, fingerprint: Fingerprint, configuration: 
         dataset_name=fingerprint.dataset_name,
         dataset_signature=fingerprint.dataset_signature,
         channel_names=tuple(fingerprint.channel_names),
-        labels=dict(fingerprint.labels),
-        foreground_labels=choose_foreground_labels(fingerprint.labels, foreground_labels, fingerprint.dataset_name),
+        **planned_labels(fingerprint.labels, fingerprint.regions, fingerprint.region_names,
+                         fingerprint.regions_class_order, foreground_labels, fingerprint.dataset_name),
         transpose_forward=source.plans.transpose_forward,
         transpose_backward=source.plans.transpose_backward,
         original_median_spacing_after_transp=tuple(float(s) for s in np.median(fingerprint.spacings, 0)[forward]),

@@ -118,6 +118,12 @@ def load_or_extract_fingerprint(info: DatasetInfo, cases: list[Case], cache_dir:
     return fingerprint, False
 
 
+def configuration_name(cfg: BaseConfig) -> str:
+    """The planned configuration `cfg` trains: its `configuration=`, else the model's (2d for a 2D network,
+    3d_fullres for a 3D one, as before the key existed, so older run configs name the same one)."""
+    return cfg.configuration or CONFIGURATION_BY_DIM[cfg.model.model_args.conv_dim]
+
+
 def planner_settings(cfg: BaseConfig) -> PlannerSettings:
     forward = cfg.transpose_forward
     if forward is None and cfg.transpose_backward is not None:
@@ -130,7 +136,7 @@ def planner_settings(cfg: BaseConfig) -> PlannerSettings:
         architecture=cfg.model.model_cls,
         gpu_memory_gb=float(cfg.plan.gpu_memory_gb),
         base_num_features=cfg.plan.base_num_features,
-        configuration=CONFIGURATION_BY_DIM[cfg.model.model_args.conv_dim],
+        configuration=configuration_name(cfg),
         foreground_labels=tup(cfg.foreground_labels),
         patch_size=tup(cfg.patch_size),
         spacing=tup(cfg.spacing),
@@ -263,5 +269,5 @@ def prepared_from_run(cfg: BaseConfig, run_dir: Path, progress: bool = True) -> 
     return PreparedDataset(info=data.info, cases=data.cases, fingerprint=data.fingerprint,
                            fingerprint_reused=data.fingerprint_reused, plans=Plans.load(run_dir / "plans.json"),
                            plans_dir=run_dir, splits=read_json(run_dir / "splits.json"),
-                           configuration=CONFIGURATION_BY_DIM[cfg.model.model_args.conv_dim],
+                           configuration=configuration_name(cfg),
                            cache_dir=data.cache_dir)

@@ -34,7 +34,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -44,7 +44,7 @@ from filelock import FileLock, Timeout
 from scipy.ndimage import binary_fill_holes
 
 from viseg.data.dataset import Case
-from viseg.data.labels import class_labels
+from viseg.data.labels import Region, class_labels
 from viseg.data.nifti import read_case
 from viseg.io.atomic import write_atomically
 from viseg.io.jsonio import read_json, write_json_atomic
@@ -213,21 +213,22 @@ def preprocess_case(image: np.ndarray, label: np.ndarray | None, spacing: tuple[
     return np.ascontiguousarray(data, dtype=np.float32), seg, properties
 
 
-def sample_foreground_locations(seg: np.ndarray, label_values: list[int] | tuple[int, ...],
-                                seed: int = 1234) -> dict[int, np.ndarray]:
-    """Up to 10,000 voxels per label (at least 1 % of them), as nnU-Net's class_locations: (N, 4) int
-    coordinates into the (1, Z, Y, X) seg, leading 0. Same random stream as nnU-Net, so the same voxels."""
+def sample_foreground_locations(seg: np.ndarray, label_values: Sequence[Region],
+                                seed: int = 1234) -> dict[Region, np.ndarray]:
+    """Up to 10,000 voxels per label or region (at least 1 % of them), as nnU-Net's class_locations: (N, 4)
+    int coordinates into the (1, Z, Y, X) seg, leading 0. Same random stream as nnU-Net, so the same voxels."""
     rng = np.random.RandomState(seed)
     flat = seg.reshape(-1)
-    locations = {}
+    locations: dict[Region, np.ndarray] = {}
     for value in label_values:
-        index = np.flatnonzero(flat == value)
+        key: Region = tuple(int(v) for v in value) if isinstance(value, tuple) else int(value)
+        index = np.flatnonzero(np.isin(flat, key) if isinstance(key, tuple) else flat == key)
         if index.size == 0:  # no draw for an absent label, as in nnU-Net, so later labels draw the same
-            locations[int(value)] = np.zeros((0, seg.ndim), dtype=np.int64)
+            locations[key] = np.zeros((0, seg.ndim), dtype=np.int64)
             continue
         n = max(min(NUM_FOREGROUND_SAMPLES, index.size), int(np.ceil(index.size * MIN_PERCENT_COVERAGE)))
         chosen = index[rng.choice(index.size, n, replace=False)]
-        locations[int(value)] = np.stack(np.unravel_index(chosen, seg.shape), axis=1).astype(np.int64)
+        locations[key] = np.stack(np.unravel_index(chosen, seg.shape), axis=1).astype(np.int64)
     return locations
 
 
@@ -323,8 +324,10 @@ def preprocess_and_save(job: CaseJob) -> str:
     label = arrays.label if arrays.label is not None else np.zeros(arrays.image.shape[1:], np.int16)
     data, seg, properties = preprocess_case(arrays.image, label, arrays.spacing, job.plans, job.configuration,
                                             case_id=job.case.case_id)
-    # every class a patch may be centred on; never the ignore label (nnU-Net's foreground_labels)
-    locations = sample_foreground_locations(seg, class_labels(job.plans.labels))
+    # every class a patch may be centred on; never the ignore label (nnU-Net's foreground_labels), and for a
+    # region plan its regions (nnU-Net's foreground_regions)
+    centres = job.plans.label_encoding().scored if job.plans.regions else class_labels(job.plans.labels)
+    locations = sample_foreground_locations(seg, centres)
     files = cached_case_files(job.case.case_id)
     names = files.arrays
     sizes = {

@@ -32,6 +32,7 @@ import numpy as np
 
 from viseg.cli import to_typed
 from viseg.config import BaseConfig
+from viseg.data.labels import LabelEncoding, Region
 from viseg.errors import ConfigError
 from viseg.inference.ensemble import checkpoint_path, experiment_variants, load_ensemble
 from viseg.inference.predict import InferenceOptions, predict_case
@@ -61,6 +62,20 @@ class Reference:
 
     labels: dict[str, np.ndarray]  # case id -> label map (original geometry)
     label_values: tuple[int, ...]  # index k -> label value; 0 is background
+    # a region plan: each output's label values and the label value it writes back (see viseg.data.labels)
+    regions: tuple[tuple[int, ...], ...] = ()
+    regions_class_order: tuple[int, ...] = ()
+
+    @property
+    def scored(self) -> tuple[Region, ...]:
+        """What is scored and postprocessed: each label value, or each region."""
+        if not self.regions:
+            return self.label_values[1:]
+        return tuple(r[0] if len(r) == 1 else r for r in self.regions)
+
+    @classmethod
+    def of(cls, labels: dict[str, np.ndarray], encoding: LabelEncoding) -> Reference:
+        return cls(labels, (0, *encoding.foreground_labels), encoding.regions, encoding.regions_class_order)
 
 
 def finished_variants(experiment: Path) -> dict[str, dict[int, Path]]:
@@ -115,17 +130,17 @@ def cached_key(path: Path) -> dict[str, Any] | None:
 
 
 def predict_validation(variant: str, folds: dict[int, Path], out_dir: Path, checkpoint: str, mirror: bool,
-                       references: dict[str, np.ndarray], progress: bool) -> tuple[int, ...]:
+                       references: dict[str, np.ndarray], progress: bool) -> LabelEncoding:
     """Full-resolution probabilities of every validation case of every fold, cached as .npz per case; a
     cached case is reused only when its key (prediction_key) matches the one this call would use."""
     from viseg.data.nifti import read_case
     out_dir.mkdir(parents=True, exist_ok=True)
     options = InferenceOptions(mirror=mirror)
-    label_values: tuple[int, ...] = ()
+    encoding = LabelEncoding(())
     for fold, run_dir in sorted(folds.items()):
         cases, _ = _validation_cases(run_dir, fold)
         ensemble = load_ensemble([run_dir], checkpoint)
-        label_values = ensemble.label_values
+        encoding = ensemble.plans.label_encoding()
         key = prediction_key(checkpoint_path(run_dir, checkpoint), checkpoint,
                              tuple(ensemble.mirror_axes) if mirror else None, options.step)
         stored = json.dumps(key, sort_keys=True)
@@ -139,23 +154,24 @@ def predict_validation(variant: str, folds: dict[int, Path], out_dir: Path, chec
             probabilities = predict_case(ensemble, arrays.image, arrays.spacing, options)
             write_atomically(target, lambda tmp, p=probabilities, k=stored: np.savez_compressed(
                 tmp, probabilities=p.astype(np.float16), key=np.array(k)), keep_ending=True)
-    return label_values
+    return encoding
 
 
-def score(load: LoadProbabilities, reference: Reference, largest_component: Iterable[int] = ()) -> dict[str, Any]:
-    """Mean Dice per label over the cases (cases where a label is absent from both are left out)."""
+def score(load: LoadProbabilities, reference: Reference, largest_component: Iterable[Region] = ()
+          ) -> dict[str, Any]:
+    """Mean Dice per label (or region) over the cases (cases where one is absent from both are left out)."""
 
-    from viseg.evaluation.metrics import dice_per_label, mean_ignoring_none, mean_over_cases
+    from viseg.evaluation.metrics import dice_per_label, mean_ignoring_none, mean_over_cases, region_key
     from viseg.inference.export import keep_largest_component, probabilities_to_labels
 
-    keep, values = list(largest_component), reference.label_values[1:]
+    keep, values = list(largest_component), reference.scored
     per_case = []
     for case_id, truth in reference.labels.items():
-        prediction = probabilities_to_labels(load(case_id), reference.label_values)
+        prediction = probabilities_to_labels(load(case_id), reference.label_values, reference.regions_class_order)
         if keep:
             prediction = keep_largest_component(prediction, keep)
         per_case.append(dice_per_label(prediction, truth, values))
-    means = mean_over_cases(per_case, map(str, values))
+    means = mean_over_cases(per_case, map(region_key, values))
     return {"dice_per_label": means, "mean_dice": mean_ignoring_none(means.values())}
 
 
@@ -173,11 +189,13 @@ def _rank(candidates: list[Candidate]) -> list[Candidate]:
 
 
 def choose_postprocessing(load: LoadProbabilities, reference: Reference, baseline: dict[str, Any]) -> dict[str, Any]:
-    """Per label: keep the largest component only if that raises the label's mean Dice (nnU-Net's test)."""
-    chosen = []
-    for value in reference.label_values[1:]:
-        trial = score(load, reference, [value])["dice_per_label"][str(value)]
-        before = baseline["dice_per_label"][str(value)]
+    """Per label (or region): keep the largest component only if that raises its mean Dice (nnU-Net's test)."""
+    from viseg.evaluation.metrics import region_key
+
+    chosen: list[Region] = []
+    for value in reference.scored:
+        trial = score(load, reference, [value])["dice_per_label"][region_key(value)]
+        before = baseline["dice_per_label"][region_key(value)]
         if trial is not None and before is not None and trial > before:
             chosen.append(value)
     after = score(load, reference, chosen) if chosen else baseline
@@ -220,7 +238,8 @@ def select_best(experiment: Path, ensembles: bool = True, checkpoint: str = "fin
     reference = _reference_for(labels, member_folders[0], values[best.members[0]])
     postprocessing = choose_postprocessing(_loader(member_folders), reference, asdict(best))
     postprocessing_file = selection / "postprocessing.json"
-    spec = {"largest_component_labels": postprocessing["largest_component_labels"]}
+    spec = {"largest_component_labels": [v if isinstance(v, int) else list(v)
+                                         for v in postprocessing["largest_component_labels"]]}
     write_json_atomic(postprocessing_file, spec)
     if len(best.members) == 1:
         write_json_atomic(Path(best.run_dirs[0]).parent / "postprocessing.json", spec)
@@ -233,13 +252,13 @@ def select_best(experiment: Path, ensembles: bool = True, checkpoint: str = "fin
     return report
 
 
-def _reference_for(labels: dict[str, np.ndarray], folder: Path, label_values: tuple[int, ...]) -> Reference:
+def _reference_for(labels: dict[str, np.ndarray], folder: Path, encoding: LabelEncoding) -> Reference:
     """The cases this variant predicted (its folds' validation cases)."""
-    return Reference({c: labels[c] for c in sorted(labels) if (folder / f"{c}.npz").is_file()}, label_values)
+    return Reference.of({c: labels[c] for c in sorted(labels) if (folder / f"{c}.npz").is_file()}, encoding)
 
 
 def _ensemble(top: list[Candidate], folders: dict[str, Path], labels: dict[str, np.ndarray],
-              values: dict[str, tuple[int, ...]]) -> list[Candidate]:
+              values: dict[str, LabelEncoding]) -> list[Candidate]:
     """The top two variants averaged, when they predict the same labels for the same cases."""
     a, b = (c.members[0] for c in top)
     ref_a, ref_b = (_reference_for(labels, folders[v], values[v]) for v in (a, b))

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from viseg.config import LoaderConfig, SamplingConfig
-from viseg.data.labels import LabelEncoding
+from viseg.data.labels import LabelEncoding, Region
 from viseg.errors import ConfigError, DatasetError
 from viseg.io.layout import cached_case_files
 from viseg.preprocessing.preprocess import load_arrays
@@ -43,7 +43,8 @@ RERUN_FIX = "re-run preprocessing for the dataset; cases without their marker we
 class _Case:
     data: np.ndarray  # (C, Z, Y, X) float32, memory-mapped
     seg: np.ndarray  # (1, Z, Y, X) int16, memory-mapped
-    foreground: dict[int, np.ndarray]  # label -> (N, 4) coordinates (channel, z, y, x); only non-empty labels
+    # label (or region) -> (N, 4) coordinates (channel, z, y, x); only non-empty ones
+    foreground: dict[Region, np.ndarray]
 
 
 def _require_markers(folder: Path, case_ids: Sequence[str]) -> None:
@@ -54,7 +55,7 @@ def _require_markers(folder: Path, case_ids: Sequence[str]) -> None:
                            f"(no <case>.json marker): {', '.join(missing)}", fix=RERUN_FIX)
 
 
-def _load_case(folder: Path, case_id: str, labels: Sequence[int]) -> _Case:
+def _load_case(folder: Path, case_id: str, labels: Sequence[Region]) -> _Case:
     try:
         data, seg, found = load_arrays(folder, case_id)
     except (OSError, ValueError, KeyError) as exc:
@@ -95,7 +96,10 @@ class PatchSampler:
 
     def __init__(self, folder: Path, case_ids: Sequence[str], patch_size: Sequence[int], batch_size: int,
                  foreground_labels: Sequence[int], oversample_foreground_percent: float, conv_dim: int,
-                 network_patch_size: Sequence[int] | None = None, ignore_label: int | None = None) -> None:
+                 network_patch_size: Sequence[int] | None = None, ignore_label: int | None = None,
+                 oversample_keys: Sequence[Region] | None = None) -> None:
+        """`oversample_keys`: what forced-foreground patches centre on, the foreground labels by default;
+        a region plan's regions (preprocessing samples their locations, as nnU-Net's class_locations)."""
         network = tuple(patch_size) if network_patch_size is None else tuple(network_patch_size)
         self.labels = LabelEncoding(tuple(int(v) for v in foreground_labels), ignore_label)
         _check_sampler_args(patch_size, network, batch_size, oversample_foreground_percent, conv_dim)
@@ -103,7 +107,8 @@ class PatchSampler:
             raise ConfigError(f"no cases to sample patches from in {folder}")
         self.folder, self.case_ids = Path(folder), list(case_ids)
         _require_markers(self.folder, self.case_ids)
-        self.batch_size, self.conv_dim, self.foreground_labels = batch_size, conv_dim, self.labels.foreground_labels
+        self.batch_size, self.conv_dim = batch_size, conv_dim
+        self.oversample_keys = tuple(self.labels.foreground_labels if oversample_keys is None else oversample_keys)
         lead = (1,) if conv_dim == 2 else ()  # 2D: a one-slice 3D patch; the singleton axis is dropped at the end
         self.patch = np.array((*lead, *patch_size), dtype=np.int64)
         self.need_to_pad = self.patch - np.array((*lead, *network), dtype=np.int64)
@@ -133,7 +138,7 @@ class PatchSampler:
     def _case(self, case_id: str) -> _Case:
         case = self._cache.get(case_id)
         if case is None:
-            case = _load_case(self.folder, case_id, self.foreground_labels)
+            case = _load_case(self.folder, case_id, self.oversample_keys)
             if self._channels is not None and case.data.shape[0] != self._channels:
                 raise DatasetError(f"case {case_id} in {self.folder} has {case.data.shape[0]} channels, "
                                    f"other cases {self._channels}", fix=RERUN_FIX)
@@ -215,13 +220,14 @@ class SegmentationDataModule(L.LightningDataModule):
                  input_patch_size: Sequence[int], batch_size: int, foreground_labels: Sequence[int],
                  sampling: SamplingConfig, loader: LoaderConfig, iterations_per_epoch: int, val_iterations: int,
                  conv_dim: int, seed: int, network_patch_size: Sequence[int] | None = None,
-                 ignore_label: int | None = None) -> None:
+                 ignore_label: int | None = None, oversample_keys: Sequence[Region] | None = None) -> None:
         super().__init__()
         self.loader_cfg = loader
 
         def sampler(case_ids: Sequence[str]) -> PatchSampler:
             return PatchSampler(Path(folder), case_ids, input_patch_size, batch_size, foreground_labels,
-                                sampling.oversample_foreground_percent, conv_dim, network_patch_size, ignore_label)
+                                sampling.oversample_foreground_percent, conv_dim, network_patch_size, ignore_label,
+                                oversample_keys)
 
         self.train_batches = TrainingBatches(sampler(train_ids), iterations_per_epoch, seed, stream=0)
         self.val_batches = TrainingBatches(sampler(val_ids), val_iterations, seed, stream=1)

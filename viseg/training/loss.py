@@ -1,4 +1,5 @@
-"""nnU-Net's training loss: soft Dice (foreground classes) + cross-entropy, over deep-supervision outputs.
+"""nnU-Net's training loss: soft Dice (foreground classes) + cross-entropy, over deep-supervision outputs;
+for region-based plans soft Dice + binary cross-entropy over sigmoid region outputs (`RegionDiceBCELoss`).
 
 Deep supervision weights halve per resolution level and the coarsest output gets weight 0, exactly as
 nnU-Net does; targets for the coarse outputs are downsampled with nearest neighbour so that they stay valid
@@ -41,15 +42,57 @@ class SoftDiceLoss(nn.Module):
     def forward(self, logits: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         probs = torch.softmax(logits.float(), dim=1)[:, 1:]
         onehot = F.one_hot(target[:, 0].long(), logits.shape[1]).movedim(-1, 1)[:, 1:].to(probs.dtype)
-        if mask is not None:
-            probs, onehot = probs * mask, onehot * mask
-        axes = tuple(range(2, probs.ndim))
-        if self.batch_dice:
-            axes = (0, *axes)
-        intersection = (probs * onehot).sum(axes)
-        denominator = probs.sum(axes) + onehot.sum(axes)
-        dice = (2 * intersection + self.smooth) / (denominator + self.smooth).clamp_min(1e-8)
-        return -dice.mean()
+        return -soft_dice(probs, onehot, self.batch_dice, self.smooth, mask)
+
+
+def soft_dice(probs: Tensor, onehot: Tensor, batch_dice: bool, smooth: float = 1e-5,
+              mask: Tensor | None = None) -> Tensor:
+    """Mean soft Dice over the channels of (B, K, ...) probabilities and targets (nnU-Net's
+    MemoryEfficientSoftDiceLoss, negated); `mask` (B, 1, ...) keeps the voxels that count."""
+    if mask is not None:
+        probs, onehot = probs * mask, onehot * mask
+    axes = tuple(range(2, probs.ndim))
+    if batch_dice:
+        axes = (0, *axes)
+    intersection = (probs * onehot).sum(axes)
+    denominator = probs.sum(axes) + onehot.sum(axes)
+    return ((2 * intersection + smooth) / (denominator + smooth).clamp_min(1e-8)).mean()
+
+
+def region_targets(codes: Tensor, region_codes: Sequence[Sequence[int]]) -> Tensor:
+    """(B, 1, ...) label codes -> (B, R, ...) float: 1 where the voxel's label is in region r."""
+    return torch.cat([torch.isin(codes, torch.tensor(list(r), device=codes.device)) for r in region_codes],
+                     dim=1).float()
+
+
+class RegionDiceBCELoss(nn.Module):
+    """nnU-Net's DC_and_BCE_loss for region-based training: one sigmoid output per region, soft Dice over
+    every region (there is no background output) + binary cross-entropy.
+
+    Targets arrive as label codes, like for label-based training, and become regions here: on the training
+    device, after augmentation (which moves label maps, not regions), and per deep-supervision output from
+    its downsampled label map, which equals downsampling the regions by nearest neighbour. With an ignore
+    label both terms skip its voxels; the cross-entropy is then summed over regions and divided by the
+    number of kept voxels, as nnU-Net does."""
+
+    def __init__(self, batch_dice: bool, region_codes: Sequence[Sequence[int]], dice_weight: float = 1.0,
+                 bce_weight: float = 1.0, ignore_index: int | None = None):
+        super().__init__()
+        self.batch_dice, self.region_codes = batch_dice, tuple(tuple(r) for r in region_codes)
+        self.dice_weight, self.bce_weight, self.ignore_index = dice_weight, bce_weight, ignore_index
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        target = target.long()
+        logits = logits.float()
+        regions = region_targets(target, self.region_codes)
+        keep = None if self.ignore_index is None else target != self.ignore_index
+        dice = -soft_dice(torch.sigmoid(logits), regions, self.batch_dice, mask=keep)
+        if keep is None:
+            bce = F.binary_cross_entropy_with_logits(logits, regions)
+        else:
+            per_voxel = F.binary_cross_entropy_with_logits(logits, regions, reduction="none")
+            bce = (per_voxel * keep).sum() / keep.sum().clamp_min(1e-8)
+        return self.dice_weight * dice + self.bce_weight * bce
 
 
 class DiceCELoss(nn.Module):

@@ -29,15 +29,18 @@ class SegmentationModule(L.LightningModule):
                  lr_scheduler: LRSchedulerConfig, max_epochs: int,
                  train_transform: Callable[[Tensor, Tensor], Batch] | None = None,
                  val_transform: Callable[[Tensor, Tensor], Batch] | None = None,
-                 ignore_index: int | None = None):
+                 ignore_index: int | None = None, region_codes: tuple[tuple[int, ...], ...] = ()):
+        """`num_classes`: the network's outputs (one per region for a region plan, whose `region_codes`
+        are then the label codes of each region)."""
         super().__init__()
         self.network = network
         self.loss = loss
-        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.num_classes, self.ignore_index, self.region_codes = num_classes, ignore_index, region_codes
         self.optimizer_cfg, self.scheduler_cfg, self.max_epochs = optimizer, lr_scheduler, max_epochs
         self.train_transform, self.val_transform = train_transform, val_transform
         self.ema_pseudo_dice: float | None = None
-        self._counts = torch.zeros(3, num_classes - 1, dtype=torch.float64)  # tp, fp, fn per foreground class
+        scored = len(region_codes) if region_codes else num_classes - 1
+        self._counts = torch.zeros(3, scored, dtype=torch.float64)  # tp, fp, fn per foreground class or region
 
     def forward(self, x: Tensor) -> Any:
         return self.network(x)
@@ -69,7 +72,11 @@ class SegmentationModule(L.LightningModule):
         loss = self.loss(output, seg)
         self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=data.shape[0])
         logits = output[0] if isinstance(output, list | tuple) else output
-        self._counts += confusion_counts(logits.argmax(1), seg[:, 0], self.num_classes, self.ignore_index).cpu()
+        if self.region_codes:  # nnU-Net: sigmoid > 0.5 per region, i.e. a positive logit
+            counts = region_confusion_counts(logits > 0, seg, self.region_codes, self.ignore_index)
+        else:
+            counts = confusion_counts(logits.argmax(1), seg[:, 0], self.num_classes, self.ignore_index)
+        self._counts += counts.cpu()
         return loss
 
     def on_validation_epoch_end(self) -> None:
@@ -118,3 +125,15 @@ def confusion_counts(prediction: Tensor, target: Tensor, num_classes: int, ignor
             pred &= counted
         counts.append(torch.stack([(pred & true).sum(), (pred & ~true).sum(), (~pred & true).sum()]))
     return torch.stack(counts, dim=1).double()
+
+
+def region_confusion_counts(inside: Tensor, seg: Tensor, region_codes: tuple[tuple[int, ...], ...],
+                            ignore_index: int | None = None) -> Tensor:
+    """(3, R): true positives, false positives, false negatives per region, from (B, R, ...) predicted
+    membership and (B, 1, ...) label codes, over the voxels whose label is not `ignore_index`."""
+    from viseg.training.loss import region_targets
+
+    true = region_targets(seg.long(), region_codes).bool()
+    pred = inside if ignore_index is None else inside & (seg != ignore_index)
+    axes = (0, *range(2, pred.ndim))
+    return torch.stack([(pred & true).sum(axes), (pred & ~true).sum(axes), (~pred & true).sum(axes)]).double()

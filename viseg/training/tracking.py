@@ -24,6 +24,7 @@ import functools
 import importlib.util
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 from viseg.config import BaseConfig, TrackingConfig
 from viseg.errors import ConfigError
 from viseg.io.layout import CHECKPOINTS_DIR, RESUMABLE_CHECKPOINTS
-from viseg.planning.planner import CONFIGURATION_BY_DIM
+from viseg.preprocessing.prepare import configuration_name
 from viseg.provenance import code_version
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def run_tags(cfg: BaseConfig, run_dir: Path) -> dict[str, str]:
     resumed = any((run_dir / CHECKPOINTS_DIR / name).is_file() for name in RESUMABLE_CHECKPOINTS)
     code = code_version()
     tags = {"variant": cfg.name, "fold": str(cfg.fold), "dataset": run_dir.parents[2].name,
-            "plan": run_dir.parents[1].name, "configuration": CONFIGURATION_BY_DIM[cfg.model.model_args.conv_dim],
+            "plan": run_dir.parents[1].name, "configuration": configuration_name(cfg),
             "run_dir": str(run_dir), "resumed": str(resumed).lower(), "viseg.version": code.version}
     tags |= {f"viseg.{key}": str(value) for key, value in
              (("commit", code.commit), ("dirty", code.dirty), ("diff_sha256", code.diff_sha256)) if value is not None}
@@ -251,7 +252,9 @@ def finish_tracking(trainer: Any, run_dir: Path, validation: dict[str, Any]) -> 
     if not trainer.is_global_zero:
         return
     final = {"final/mean_dice": validation.get("mean_dice")}
-    final |= {f"final/dice_{label}": value for label, value in validation.get("mean_dice_per_class", {}).items()}
+    # a region's key, "(1, 2)", as a name every tracker takes: "1_2"
+    final |= {f"final/dice_{re.sub(r'[^0-9A-Za-z]+', '_', label).strip('_')}": value
+              for label, value in validation.get("mean_dice_per_class", {}).items()}
     final = {key: float(value) for key, value in final.items() if value is not None}
     files = [Path(run_dir) / name for name in ARTIFACTS if (Path(run_dir) / name).is_file()]
     for logger in trainer.loggers:

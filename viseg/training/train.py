@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from viseg.config import BaseConfig
+from viseg.data.labels import LabelEncoding
 from viseg.errors import ConfigError
 from viseg.io.atomic import copy_atomically, write_text_atomically
 from viseg.io.jsonio import read_json, write_json_atomic
@@ -137,7 +138,8 @@ def build_datamodule(cfg: BaseConfig, prepared: PreparedDataset, folder: Path, i
         batch_size=cfg.batch_size, foreground_labels=list(cfg.foreground_labels), sampling=cfg.sampling,
         loader=cfg.loader, iterations_per_epoch=cfg.trainer.iterations_per_epoch,
         val_iterations=cfg.trainer.val_iterations, conv_dim=cfg.model.model_args.conv_dim, seed=cfg.seed,
-        network_patch_size=tuple(cfg.patch_size), ignore_label=prepared.plans.ignore_label)
+        network_patch_size=tuple(cfg.patch_size), ignore_label=prepared.plans.ignore_label,
+        oversample_keys=prepared.plans.label_encoding().scored if prepared.plans.regions else None)
 
 
 def build_module(cfg: BaseConfig, prepared: PreparedDataset) -> tuple[Any, tuple[int, ...]]:
@@ -145,7 +147,7 @@ def build_module(cfg: BaseConfig, prepared: PreparedDataset) -> tuple[Any, tuple
 
     from viseg.planning.network import build_model
     from viseg.training.augment import BatchAugmenter, augmentation_input_size, is_anisotropic
-    from viseg.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_scales
+    from viseg.training.loss import DeepSupervisionLoss, deep_supervision_scales
     from viseg.training.module import SegmentationModule
     plan = prepared.plans.configuration(prepared.configuration)
     patch = tuple(plan.patch_size)
@@ -153,16 +155,28 @@ def build_module(cfg: BaseConfig, prepared: PreparedDataset) -> tuple[Any, tuple
     network = build_model(prepared.plans, prepared.configuration, deep_supervision=deep)
     n_outputs = len(deep_supervision_scales(plan.network.strides)) if deep else 1
     labels = prepared.plans.label_encoding()
-    loss = DeepSupervisionLoss(DiceCELoss(plan.batch_dice, cfg.loss.dice_weight, cfg.loss.ce_weight,
-                                          cfg.loss.class_weights, ignore_index=labels.ignore_index), n_outputs)
+    loss = DeepSupervisionLoss(_loss(cfg, plan.batch_dice, labels), n_outputs)
     anisotropic = is_anisotropic(patch, plan.spacing)
     disabled = type(cfg.augmentation)(enabled=False)
     module = SegmentationModule(
         network, loss, labels.num_classes, cfg.optimizer, cfg.lr_scheduler, cfg.trainer.max_epochs,
         train_transform=BatchAugmenter(patch, cfg.augmentation, anisotropic, labels, plan.use_mask_for_norm),
         val_transform=BatchAugmenter(patch, disabled, anisotropic, labels, plan.use_mask_for_norm),
-        ignore_index=labels.ignore_index)
+        ignore_index=labels.ignore_index, region_codes=labels.region_codes)
     return module, augmentation_input_size(patch, cfg.augmentation, anisotropic)
+
+
+def _loss(cfg: BaseConfig, batch_dice: bool, labels: LabelEncoding) -> Any:
+    """nnU-Net's DC_and_CE_loss, or DC_and_BCE_loss for a region plan."""
+    from viseg.training.loss import DiceCELoss, RegionDiceBCELoss
+    if not labels.has_regions:
+        return DiceCELoss(batch_dice, cfg.loss.dice_weight, cfg.loss.ce_weight, cfg.loss.class_weights,
+                          ignore_index=labels.ignore_index)
+    if cfg.loss.class_weights:
+        raise ConfigError(f"loss.class_weights={list(cfg.loss.class_weights)} weighs the classes of a softmax; "
+                          "this plan trains regions (one sigmoid output each)", fix="drop loss.class_weights")
+    return RegionDiceBCELoss(batch_dice, labels.region_codes, cfg.loss.dice_weight, cfg.loss.ce_weight,
+                             ignore_index=labels.ignore_index)
 
 
 def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progress: bool,

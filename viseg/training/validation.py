@@ -20,28 +20,31 @@ from viseg.progress import track
 
 def validate_full_cases(network: Any, cfg: BaseConfig, prepared: PreparedDataset, folder: Path,
                         run_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Sliding-window prediction of every validation case of the fold, Dice per class per case; voxels of
-    the ignore label are not scored.
+    """Sliding-window prediction of every validation case of the fold, Dice per class (or region) per case;
+    voxels of the ignore label are not scored.
 
     Evaluated on the preprocessed grid (after resampling to the plan's spacing); exporting to the original
-    grid is the job of `python -m viseg.predict`.
+    grid is the job of `python -m viseg.predict`. Scored in label values, like `viseg evaluate`: outputs
+    become a label map as prediction makes it (argmax, or regions by regions_class_order).
     """
-    from viseg.evaluation.metrics import dice_per_label, mean_ignoring_none, mean_over_cases
+    from viseg.evaluation.metrics import dice_per_label, mean_ignoring_none, mean_over_cases, region_key
+    from viseg.inference.export import probabilities_to_labels
     from viseg.inference.sliding_window import predict_volume
-    plan = prepared.plans.configuration(prepared.configuration)
-    labels = prepared.plans.label_encoding()
+    plans = prepared.plans
+    plan = plans.configuration(prepared.configuration)
+    labels = plans.label_encoding()
     device = next(network.parameters()).device
     network.eval()
-    cases: dict[str, list[float | None]] = {}
+    cases: dict[str, dict[str, float | None]] = {}
     for case_id in track(prepared.splits[cfg.fold]["val"], "Validating", enabled=progress):
         data, seg, _, _ = load_case(folder, case_id)
-        probabilities = predict_volume(network, np.asarray(data), plan.patch_size, labels.num_classes, device)
-        prediction = probabilities.argmax(0).cpu().numpy()
-        target = labels.encode(np.asarray(seg)[0], keep_outside=False)  # outside the mask is background
-        # classes 1..K-1 of the encoded maps, reported under their dataset label values
-        by_class = dice_per_label(prediction, target, range(1, labels.num_classes), labels.ignore_index)
-        cases[case_id] = {str(label): by_class[str(k)] for k, label in enumerate(cfg.foreground_labels, 1)}
-    per_class = mean_over_cases(cases.values(), map(str, cfg.foreground_labels))
+        probabilities = predict_volume(network, np.asarray(data), plan.patch_size, labels.num_outputs, device,
+                                       regions=labels.has_regions)
+        prediction = probabilities_to_labels(probabilities.cpu().numpy(), (0, *labels.foreground_labels),
+                                             labels.regions_class_order)
+        target = np.maximum(np.asarray(seg)[0], 0)  # outside the nonzero mask (-1) is background
+        cases[case_id] = dice_per_label(prediction, target, labels.scored, labels.ignore_label)
+    per_class = mean_over_cases(cases.values(), map(region_key, labels.scored))
     summary = {"fold": cfg.fold, "cases": cases, "mean_dice_per_class": per_class,
                "mean_dice": mean_ignoring_none(per_class.values())}
     write_json_atomic(run_dir / "validation" / "summary.json", summary)
