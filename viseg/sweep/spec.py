@@ -22,7 +22,8 @@ SWEEP_KEYS = ("folds", "sweep", "dry_run", "resume", "summary", "cross_validate"
               "resources", "search", "config_name", "best", "selection", "verbose", "status_every_s")
 # Values that change the plan or the data cannot be searched: every trial of a search shares one plan.
 UNSEARCHABLE_PREFIXES = ("patch_size", "spacing", "batch_size", "transpose_", "foreground_labels", "model",
-                         "plan.", "dataset.", "splits.", "num_channels", "num_classes", "fold", "paths.")
+                         "plan.", "dataset.", "splits.", "num_channels", "num_classes", "fold", "paths.",
+                         "configuration")
 
 
 # What a searched axis draws from. The schemas below are OmegaConf structured configs, which refuse Literal
