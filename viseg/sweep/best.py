@@ -69,9 +69,7 @@ class Reference:
     @property
     def scored(self) -> tuple[Region, ...]:
         """What is scored and postprocessed: each label value, or each region."""
-        if not self.regions:
-            return self.label_values[1:]
-        return tuple(r[0] if len(r) == 1 else r for r in self.regions)
+        return LabelEncoding(self.label_values[1:], None, self.regions, self.regions_class_order).scored
 
     @classmethod
     def of(cls, labels: dict[str, np.ndarray], encoding: LabelEncoding) -> Reference:
