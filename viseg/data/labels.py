@@ -42,6 +42,16 @@ class RegionLabels:
     class_order: tuple[int, ...] | None  # None: dataset.json has no regions_class_order (verification says so)
 
 
+def is_label_value(value: object) -> bool:
+    """An integer as JSON gives it (bool is an int to Python, never a label)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_label_or_region(value: object) -> bool:
+    """A label value, or a non-empty JSON list of them (a region)."""
+    return is_label_value(value) or (isinstance(value, list) and bool(value) and all(map(is_label_value, value)))
+
+
 def has_regions(raw_labels: Mapping[str, object]) -> bool:
     """nnU-Net's rule: region-based as soon as one label maps to more than one value."""
     return any(isinstance(v, list | tuple) and len(v) > 1 for v in raw_labels.values())

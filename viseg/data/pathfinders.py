@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from viseg.data.dataset import Case, DatasetInfo, Discovery, ImageSource, Problem
-from viseg.data.labels import RegionLabels, has_regions, split_region_labels
+from viseg.data.labels import RegionLabels, has_regions, is_label_or_region, is_label_value, split_region_labels
 from viseg.errors import ConfigError
 
 DATASET_JSON = "dataset.json"
@@ -163,7 +163,7 @@ class DefaultNNUnetFormatPathFinder(PathFinder):
         labels = raw.get("labels")
         if not isinstance(labels, dict) or not labels:
             return None
-        if not all(_is_int(v) or (isinstance(v, list) and v and all(_is_int(i) for i in v)) for v in labels.values()):
+        if not all(map(is_label_or_region, labels.values())):
             return None
         if has_regions(labels):
             return split_region_labels(labels, None)[0]
@@ -173,7 +173,7 @@ class DefaultNNUnetFormatPathFinder(PathFinder):
         labels, order = raw.get("labels"), raw.get("regions_class_order")
         if not isinstance(labels, dict) or not has_regions(labels):
             return None
-        if order is not None and not (isinstance(order, list) and all(_is_int(v) for v in order)):
+        if order is not None and not (isinstance(order, list) and all(is_label_value(v) for v in order)):
             self._problem("regions", f"{self.basepath / DATASET_JSON}: regions_class_order must be a list of label "
                           f"values, got {order!r}", 'write e.g. "regions_class_order": [1, 2, 3]',
                           file=self.basepath / DATASET_JSON)
@@ -380,7 +380,3 @@ def _strip_nifti_ending(name: str) -> str | None:
         if name.endswith(ending):
             return name[: -len(ending)]
     return None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from viseg.cli import to_typed
 from viseg.config import BaseConfig
-from viseg.data.labels import Region
+from viseg.data.labels import Region, is_label_or_region
 from viseg.errors import ConfigError
 from viseg.inference import nnunet_model
 from viseg.io.jsonio import read_json
@@ -49,8 +49,7 @@ class Postprocessing:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read {path}: {exc}", fix="rewrite it as valid JSON") from None
         labels = raw.get("largest_component_labels") if isinstance(raw, dict) else None
-        if not isinstance(labels, list) or not all(_is_int(v) or (isinstance(v, list) and v and all(map(_is_int, v)))
-                                                   for v in labels):
+        if not isinstance(labels, list) or not all(map(is_label_or_region, labels)):
             raise ConfigError(f"{path} must hold {{\"largest_component_labels\": [<label values>]}}, got {raw!r}",
                               fix="list integer label values, e.g. {\"largest_component_labels\": [1, 3]} (a "
                                   "region model's regions as lists: [[1, 2, 3], 3])")
@@ -375,7 +374,3 @@ def load_ensemble(run_dirs: list[Path] | tuple[Path, ...], checkpoint: str = "fi
                     plans=runs[0].plans, configuration=runs[0].configuration, mirror_axes=tuple(sorted(axes)),
                     device=torch.device(target), pathfinder=runs[0].pathfinder, file_ending=runs[0].file_ending,
                     weights_file=runs[0].weights_file)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
