@@ -326,7 +326,8 @@ class LossConfig:
 
 # What `configuration=` may name: viseg.planning.planner.CONFIGURATIONS, repeated because importing the
 # planner here would load scipy and nibabel for every --help (tests/unit/test_plan.py keeps the two equal).
-CONFIGURATION_NAMES = ("2d", "3d_fullres", "3d_lowres")
+CONFIGURATION_NAMES = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+CASCADE_CONFIGURATION = "3d_cascade_fullres"  # planner.CASCADE_STAGE
 # Plan values a user may set (the planner keeps them consistent) and values that are always derived.
 PLAN_OVERRIDE_KEYS = ("patch_size", "spacing", "batch_size", "transpose_forward", "transpose_backward")
 DERIVED_TOP_LEVEL_KEYS = ("num_channels", "num_classes")
@@ -364,9 +365,13 @@ class BaseConfig:
     seed: int = 12345
     devices: Any = "auto"
     num_processes: int | None = None  # worker processes for verify/fingerprint/preprocess; None = all cores
-    # the planned configuration this run trains: 2d, 3d_fullres or 3d_lowres (nnU-Net's, for images large
-    # against the fullres patch); None: by the model, 2d for a 2D one and 3d_fullres for a 3D one
+    # the planned configuration this run trains: 2d, 3d_fullres, 3d_lowres (nnU-Net's, for images large
+    # against the fullres patch) or 3d_cascade_fullres (full resolution, given the lowres prediction as input);
+    # None: by the model, 2d for a 2D one and 3d_fullres for a 3D one
     configuration: str | None = None
+    # the cascade's 3d_lowres run of the same fold: its run folder (…/fold_<k>) or the folder holding its
+    # fold_<k>/ folders. A sweep sets it for its cascade trials.
+    previous_stage: str | None = None
 
     # Dataset-dependent values (training docs' table). Left empty they are planned from the data.
     foreground_labels: list[int] | None = None  # None: every dataset.json label but background and 'ignore'
@@ -398,6 +403,10 @@ class BaseConfig:
     def _check_configuration(self) -> None:
         """Here, not in the planner: a 2D network cannot train a 3D plan (nor the reverse), and by then the
         dataset would be verified and fingerprinted for nothing."""
+        if self.previous_stage and self.configuration != CASCADE_CONFIGURATION:
+            raise ConfigError(f"previous_stage={self.previous_stage} is the input of a cascade, but configuration="
+                              f"{self.configuration} is not one", fix=f"add configuration={CASCADE_CONFIGURATION}, "
+                              "or drop previous_stage=")
         if self.configuration is None:
             return
         if self.configuration not in CONFIGURATION_NAMES:
@@ -406,7 +415,8 @@ class BaseConfig:
         dim = getattr(getattr(self.model, "model_args", None), "conv_dim", None)
         if dim == 3 and self.configuration == "2d":
             raise ConfigError("configuration=2d trains a 2D network, but the model is 3D",
-                              fix="add model=plain_conv_unet_2d, or use configuration=3d_fullres|3d_lowres")
+                              fix="add model=plain_conv_unet_2d, or use configuration=3d_fullres|3d_lowres|"
+                                  "3d_cascade_fullres")
         if dim == 2 and self.configuration != "2d":
             raise ConfigError(f"configuration={self.configuration} trains a 3D network, but the model is 2D",
                               fix="add model=plain_conv_unet_3d (or residual_encoder_unet_3d), or use "

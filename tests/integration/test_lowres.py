@@ -48,7 +48,8 @@ def test_configuration_defaults_to_the_models_own():
 
 
 @pytest.mark.parametrize(("overrides", "message", "fix"), [
-    (["configuration=3d_cascade_fullres"], "not a configuration", "3d_lowres"),
+    (["configuration=3d_full"], "not a configuration", "3d_lowres"),
+    (["previous_stage=/tmp/lowres"], "is the input of a cascade", "configuration=3d_cascade_fullres"),
     (["configuration=2d"], "model is 3D", "model=plain_conv_unet_2d"),
     (["configuration=3d_lowres", "model=plain_conv_unet_2d"], "model is 2D", "model=plain_conv_unet_3d"),
 ])

@@ -204,8 +204,22 @@ def test_fullres_batch_dice_exactly_when_nnunet_has_a_lowres_stage(lowres_plans,
         assert plans.configuration("3d_fullres").batch_dice is has_lowres[name], name
         assert reference["configurations"]["3d_fullres"]["batch_dice"] is has_lowres[name], name
         assert plans.configuration("2d").batch_dice is True
-        # nnU-Net's 3d_cascade_fullres (inherits 3d_fullres, previous_stage 3d_lowres) is not planned yet
-        assert set(plans.configurations) == set(reference["configurations"]) - {"3d_cascade_fullres"}, name
+        assert set(plans.configurations) == set(reference["configurations"]), name
+
+
+@pytest.mark.parametrize("name", ["ct_large", "mr_aniso_large"])
+def test_cascade_stage_is_nnunets(lowres_plans, name: str):
+    """nnU-Net's 3d_cascade_fullres: inherits 3d_fullres (its plan and data), previous_stage 3d_lowres, and one
+    more input channel per foreground label."""
+    plans, reference = lowres_plans[name]
+    theirs = reference["configurations"]["3d_cascade_fullres"]
+    cascade, fullres = plans.configuration("3d_cascade_fullres"), plans.configuration("3d_fullres")
+    assert (cascade.inherits_from, cascade.previous_stage) == (theirs["inherits_from"], theirs["previous_stage"])
+    assert cascade.data_configuration == "3d_fullres" and cascade.next_stage is None
+    assert configuration_differences(cascade, reference["configurations"]["3d_fullres"]) == {}
+    assert dataclasses.replace(cascade, name="3d_fullres", inherits_from=None, previous_stage=None) == fullres
+    assert plans.input_channels("3d_cascade_fullres") == plans.num_channels + len(plans.foreground_labels)
+    assert plans.input_channels("3d_fullres") == plans.num_channels
 
 
 @pytest.mark.parametrize("name", ["ct_large", "mr_aniso_large"])
@@ -224,6 +238,9 @@ def test_a_dropped_lowres_stage_is_absent_in_both(lowres_plans):
     plans, reference = lowres_plans["ct_drop"]
     assert "3d_lowres" not in plans.configurations and "3d_lowres" not in reference["configurations"]
     assert "3d_cascade_fullres" not in reference["configurations"]
+    assert "3d_cascade_fullres" not in plans.configurations
+    with pytest.raises(ConfigError, match="configuration=3d_cascade_fullres: this dataset gets no 3d_lowres"):
+        make_plans(_lowres_fingerprint("ct_drop"), PlannerSettings(configuration="3d_cascade_fullres"))
 
 
 def test_lowres_plans_round_trip_through_json(lowres_plans, tmp_path: Path):

@@ -20,7 +20,15 @@ from viseg.data.labels import Region, is_label_or_region
 from viseg.errors import ConfigError
 from viseg.inference import nnunet_model
 from viseg.io.jsonio import read_json
-from viseg.io.layout import EXPERIMENT_RUNS, FINISHED_MARKER, WEIGHTS, WEIGHTS_HELP, is_run_dir, weights_file
+from viseg.io.layout import (
+    EXPERIMENT_RUNS,
+    FINISHED_MARKER,
+    PREVIOUS_STAGE_DIR,
+    WEIGHTS,
+    WEIGHTS_HELP,
+    is_run_dir,
+    weights_file,
+)
 from viseg.io.layout import experiment_variants as layout_variants
 from viseg.io.model_archive import is_archive, open_archive
 from viseg.planning.plans import Plans, plans_from_dict
@@ -78,6 +86,9 @@ class Ensemble:
     pathfinder: str  # the layout the runs were trained on: how input files name their channels
     file_ending: str
     weights_file: str = ""  # where the chosen weights are, relative to each run folder (for the log)
+    # a cascade's previous stage: the lowres runs its folds were trained on (each run's previous_stage/ copy),
+    # predicted first, their labels then input to this ensemble
+    previous: Ensemble | None = None
 
     @property
     def num_classes(self) -> int:
@@ -373,4 +384,18 @@ def load_ensemble(run_dirs: list[Path] | tuple[Path, ...], checkpoint: str = "fi
     return Ensemble(run_dirs=[r.run_dir for r in runs], networks=[r.network.to(target) for r in runs],
                     plans=runs[0].plans, configuration=runs[0].configuration, mirror_axes=tuple(sorted(axes)),
                     device=torch.device(target), pathfinder=runs[0].pathfinder, file_ending=runs[0].file_ending,
-                    weights_file=runs[0].weights_file)
+                    weights_file=runs[0].weights_file, previous=_previous_stage(runs, target))
+
+
+def _previous_stage(runs: list[_LoadedRun], device: torch.device) -> Ensemble | None:
+    """A cascade's lowres ensemble: the previous_stage/ copy in each of its run folders (final weights, as
+    nnU-Net's cascade predicts with its lowres model's checkpoint_final)."""
+    if runs[0].plans.configuration(runs[0].configuration).previous_stage is None:
+        return None
+    folders = [r.run_dir / PREVIOUS_STAGE_DIR for r in runs]
+    missing = [str(f) for f in folders if not (f / FINISHED_MARKER).is_file()]
+    if missing:
+        raise ConfigError(f"cascade run(s) without their previous stage: {', '.join(missing)} missing",
+                          fix="a cascade run keeps its lowres run in previous_stage/; restore it (or retrain the "
+                              "cascade with previous_stage=<lowres run>)")
+    return load_ensemble(folders, "final", device)

@@ -23,6 +23,7 @@ import numpy as np
 from viseg.data.prediction_inputs import CaseInput, check_case_headers
 from viseg.errors import ConfigError, DatasetError, VisegError, is_storage_full
 from viseg.inference.ensemble import Ensemble, Postprocessing
+from viseg.preprocessing.previous_stage import one_hot_previous
 from viseg.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -68,15 +69,26 @@ def ensemble_probabilities(ensemble: Ensemble, data: np.ndarray, options: Infere
 def predict_case(ensemble: Ensemble, image: np.ndarray, spacing: tuple[float, ...],
                  options: InferenceOptions | None = None, case_id: str = "") -> np.ndarray:
     """(C, Z, Y, X) image with its (z, y, x) spacing -> (K, Z, Y, X) float32 class probabilities in the
-    image's own geometry. Class k is label value `ensemble.label_values[k]`; `case_id` names it in errors."""
+    image's own geometry. Class k is label value `ensemble.label_values[k]`; `case_id` names it in errors.
+
+    A cascade first predicts the case with its lowres ensemble, in the image's geometry, and hands that label
+    map to preprocessing as the case's label (cropped and resampled as labels are, nnU-Net's
+    -prev_stage_predictions), then as one-hot channels to the full-resolution networks."""
 
     from viseg.inference.export import revert_geometry
     from viseg.preprocessing.preprocess import preprocess_case
     if image.shape[0] != ensemble.plans.num_channels:
         raise DatasetError(f"image has {image.shape[0]} channel(s); the model takes {ensemble.plans.num_channels}",
                            fix="pass the channels in dataset.json's channel_names order")
-    data, _, properties = preprocess_case(image, None, spacing, ensemble.plans, ensemble.configuration,
-                                          case_id=case_id)
+    previous = None
+    if ensemble.previous is not None:  # a cascade: the lowres ensemble's labels, preprocessed like a label map
+        lowres = ensemble.previous
+        previous = segment(predict_case(lowres, image, spacing, options, case_id), lowres.label_values,
+                           regions_class_order=lowres.plans.regions_class_order)
+    data, previous_seg, properties = preprocess_case(image, previous, spacing, ensemble.plans, ensemble.configuration,
+                                                     case_id=case_id)
+    if previous_seg is not None:
+        data = np.concatenate([data, one_hot_previous(previous_seg[0], ensemble.plans.foreground_labels, data.dtype)])
     probabilities = ensemble_probabilities(ensemble, data, options or InferenceOptions())
     return revert_geometry(probabilities, properties, ensemble.plans, ensemble.configuration)
 

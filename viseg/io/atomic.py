@@ -89,3 +89,19 @@ def write_text_atomically(path: Path, text: str, fsync: bool = False) -> None:
 
 def copy_atomically(source: Path, target: Path) -> None:
     write_atomically(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def link_or_copy_atomically(source: Path, target: Path) -> None:
+    """`target` becomes a hard link to `source` (no bytes copied: a checkpoint kept in two run folders), or a
+    copy where the two folders are on different filesystems; either appears whole, never half written."""
+    tmp = temporary_name(Path(target))
+    try:
+        os.link(source, tmp)
+    except OSError:
+        copy_atomically(source, target)
+        return
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -16,6 +16,11 @@ CODE_SNAPSHOTS = "code"  # <experiment>/code/<content hash>/viseg: the package a
 CODE_VERSION = "code.json"  # the code a run started with (viseg.provenance): version, commit, dirty flag
 TRAINING_LOG = "training_log.txt"  # one plain line per epoch, appended (nnU-Net's habit); a resume adds to it
 FOLD_DIR = re.compile(r"fold_(\d+)")
+# nnU-Net's cascade. A 3d_lowres run keeps its predictions of a fold's cases, resampled to the next stage's
+# preprocessed grid, in predicted_next_stage/<next stage>/; a cascade run keeps a copy of the lowres run it was
+# trained on in previous_stage/, so that the run folder alone predicts through both stages.
+NEXT_STAGE_DIR = "predicted_next_stage"
+PREVIOUS_STAGE_DIR = "previous_stage"
 
 # checkpoints/ of a run folder. last.ckpt is replaced after every epoch by two renames (last -> previous, new ->
 # last), so a kill between them leaves previous.ckpt alone: whatever resumes must look for both.

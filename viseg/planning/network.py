@@ -17,6 +17,6 @@ def build_model(plans: Plans, configuration: str, deep_supervision: bool = True)
     """
     plan = plans.configuration(configuration)
     network = build_network(get_architecture(plan.network.architecture), plan.network.as_kwargs(),
-                            plans.num_channels, plans.num_classes, deep_supervision=deep_supervision)
+                            plans.input_channels(configuration), plans.num_classes, deep_supervision=deep_supervision)
     network.apply(network.initialize)
     return network

@@ -33,8 +33,9 @@ NORMALIZATION_SCHEMES = tuple(sorted(set(_NORMALIZATION_BY_CHANNEL_NAME.values()
 CONFIGURATION_BY_DIM = {3: "3d_fullres", 2: "2d"}
 # Every configuration the planner can emit (3d_lowres only for images large against the fullres patch);
 # nnU-Net's 3d_cascade_fullres is not planned: 3d_lowres names it as its next stage for a later cascade.
-CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 LOWRES_NEXT_STAGE = "3d_cascade_fullres"
+LOWRES_STAGE = "3d_lowres"
 # nnU-Net's 3d_lowres rule (ExperimentPlanner.plan_experiment): a lowres stage is searched when the fullres
 # patch covers under 25 % of the median image, by coarsening the spacing 3 % a step (1.03, not 1.01, keeps
 # the number of memory estimates down), and dropped unless it shrinks the median image at least 2x.
@@ -369,17 +370,20 @@ def _plan_3d(fullres: ConfigurationInputs, arch: Architecture, gpu_memory_gb: fl
     lowres = lowres_stage_inputs(fullres, fullres_plan.patch_size, arch, gpu_memory_gb, fingerprint.num_cases,
                                  estimate)
     if lowres is None:
-        if settings.configuration == "3d_lowres":
-            raise _no_lowres_stage(fullres, fullres_plan)
+        if settings.configuration in (LOWRES_STAGE, LOWRES_NEXT_STAGE):
+            raise _no_lowres_stage(fullres, fullres_plan, settings.configuration)
         return {"3d_fullres": fullres_plan}
-    if settings.configuration == "3d_lowres":
+    if settings.configuration == LOWRES_STAGE:
         lowres = replace(lowres, patch_size=settings.patch_size, batch_size=settings.batch_size)
     lowres_plan = plan_configuration(lowres, arch, gpu_memory_gb, fingerprint, batch_dice=False, estimate=estimate)
-    return {"3d_fullres": replace(fullres_plan, batch_dice=True),
-            "3d_lowres": replace(lowres_plan, next_stage=LOWRES_NEXT_STAGE)}
+    fullres_plan = replace(fullres_plan, batch_dice=True)
+    # nnU-Net's 3d_cascade_fullres: 3d_fullres's plan and preprocessed data, the lowres prediction as more input
+    cascade = replace(fullres_plan, name=LOWRES_NEXT_STAGE, inherits_from="3d_fullres", previous_stage=LOWRES_STAGE)
+    return {"3d_fullres": fullres_plan, LOWRES_STAGE: replace(lowres_plan, next_stage=LOWRES_NEXT_STAGE),
+            LOWRES_NEXT_STAGE: cascade}
 
 
-def _no_lowres_stage(fullres: ConfigurationInputs, plan: ConfigurationPlan) -> ConfigError:
+def _no_lowres_stage(fullres: ConfigurationInputs, plan: ConfigurationPlan, asked: str) -> ConfigError:
     """Why nnU-Net plans no 3d_lowres for this dataset, in the words of its two rules."""
     coverage = float(np.prod(plan.patch_size, dtype=np.float64) / np.prod(fullres.median_shape, dtype=np.float64))
     median = [round(float(m), 1) for m in fullres.median_shape]
@@ -389,7 +393,7 @@ def _no_lowres_stage(fullres: ConfigurationInputs, plan: ConfigurationPlan) -> C
     else:
         why = (f"the lowres stage nnU-Net searched would shrink the median image {median} less than "
                f"{LOWRES_MIN_SHRINK:g}x, so it is dropped")
-    return ConfigError(f"configuration=3d_lowres: this dataset gets no 3d_lowres stage: {why}",
+    return ConfigError(f"configuration={asked}: this dataset gets no 3d_lowres stage: {why}",
                        fix="train configuration=3d_fullres (or leave configuration unset)")
 
 
@@ -418,7 +422,8 @@ def make_plans(fingerprint: Fingerprint, settings: PlannerSettings) -> Plans:
     n_voxels = float(np.prod(median_t, dtype=np.float64) * fingerprint.num_cases)
 
     def inputs(name: str, dims: slice) -> ConfigurationInputs:
-        chosen = name == settings.configuration
+        # the cascade is 3d_fullres's plan: its patch and batch size are set there
+        chosen = name == (settings.configuration if settings.configuration != LOWRES_NEXT_STAGE else "3d_fullres")
         return ConfigurationInputs(
             name=name, spacing=target_t[dims], median_shape=median_t[dims], approximate_n_voxels_dataset=n_voxels,
             num_input_channels=len(fingerprint.channel_names), num_output_channels=len(foreground) + 1,

@@ -67,6 +67,14 @@ class ConfigurationPlan:
     # (a cascade stage would name its previous one). Defaults, so plans.json files written before still load.
     previous_stage: str | None = None
     next_stage: str | None = None
+    # the configuration whose preprocessed data this one trains on (nnU-Net's inherits_from): the cascade's
+    # is 3d_fullres; None: its own
+    inherits_from: str | None = None
+
+    @property
+    def data_configuration(self) -> str:
+        """Whose preprocessed arrays this configuration reads: preprocessing is done once per data configuration."""
+        return self.inherits_from or self.name
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,12 @@ class Plans:
     def ignore_label(self) -> int | None:
         """dataset.json's `ignore` value (unannotated voxels), if any; see viseg.data.labels."""
         return ignore_label(self.labels)
+
+    def input_channels(self, configuration: str) -> int:
+        """The network's input channels: the image's, and for a cascade stage one more per foreground label
+        (the previous stage's prediction, one-hot, as nnU-Net's determine_num_input_channels)."""
+        extra = len(self.foreground_labels) if self.configuration(configuration).previous_stage else 0
+        return self.num_channels + extra
 
     def label_encoding(self) -> LabelEncoding:
         """How this plan's label maps are encoded for the loss (classes, and the ignore label if any)."""

@@ -242,7 +242,7 @@ def cache_inputs(plans: Plans, configuration: str) -> dict[str, Any]:
     return {
         "preprocess_version": PREPROCESS_VERSION,
         "dataset_signature": plans.dataset_signature,
-        "configuration": configuration,
+        "configuration": plan.data_configuration,
         "labels": dict(sorted(plans.labels.items())),
         "transpose_forward": list(plans.transpose_forward),
         "spacing": [float(s) for s in plan.spacing],
@@ -261,7 +261,7 @@ def preprocessed_dir(prepared: PreparedDataset) -> Path:
     """Where `preprocess_dataset` puts (or has put) this prepared dataset's arrays: beside the dataset's
     fingerprint, so runs with other plans (or a continued run, whose plans_dir is its run folder) share it."""
     inputs = cache_inputs(prepared.plans, prepared.configuration)
-    return prepared.cache_dir / "preprocessed" / f"{prepared.configuration}-{cache_hash(inputs)}"
+    return prepared.cache_dir / "preprocessed" / f"{inputs['configuration']}-{cache_hash(inputs)}"
 
 
 LOCK_FILE = ".lock"

@@ -180,7 +180,8 @@ def resample(data: Tensor, seg: Tensor, affine: Tensor, patch_size: Sequence[int
     theta = _affine_theta(affine, data.shape[2:], patch_size).float()
     grid = F.affine_grid(theta, [len(data), 1, *patch_size], align_corners=False)
     out = F.grid_sample(data, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out, _resample_labels(seg, grid, labels)
+    # a cascade's seg has a second channel, the previous stage's labels: resampled alike, on the same grid
+    return out, torch.cat([_resample_labels(seg[:, c:c + 1], grid, labels) for c in range(seg.shape[1])], 1)
 
 
 def apply_along_axes(x: Tensor, matrices: Sequence[Tensor | None]) -> Tensor:
@@ -272,10 +273,15 @@ class BatchAugmenter:
     no channel). Returns float32 data and int64 labels in which OUTSIDE has become background. With `cfg`
     disabled (validation) it only crops and relabels OUTSIDE, as nnU-Net's validation transforms do: the
     masked channels are already 0 there.
+
+    A cascade (`previous_stage=True`) gets a (B, 2, ...) seg whose second channel holds the previous stage's
+    labels (the same codes). They move with the image and labels, and leave as one more data channel per
+    foreground label, after every intensity change (nnU-Net's MoveSegAsOneHotToDataTransform), then, in
+    training, are perturbed as nnU-Net perturbs them (`viseg.training.cascade_augment`).
     """
 
     def __init__(self, patch_size: Sequence[int], cfg: AugmentationConfig, anisotropic: bool,
-                 labels: LabelEncoding, use_mask_for_norm: Sequence[bool] = ()):
+                 labels: LabelEncoding, use_mask_for_norm: Sequence[bool] = (), previous_stage: bool = False):
         self.patch_size = tuple(int(v) for v in patch_size)
         self.dim = len(self.patch_size)
         if self.dim not in (2, 3):
@@ -283,6 +289,7 @@ class BatchAugmenter:
         self.cfg = cfg
         self.anisotropic = anisotropic and self.dim == 3
         self.labels = labels
+        self.previous_stage = previous_stage
         self.use_mask_for_norm = tuple(bool(m) for m in use_mask_for_norm)
         self.masked_channels = [c for c, masked in enumerate(self.use_mask_for_norm) if masked]
         self.max_angle = math.radians(rotation_degrees(self.patch_size, cfg, self.anisotropic))
@@ -295,18 +302,32 @@ class BatchAugmenter:
         self._check(data, seg)
         data, seg = data.float(), seg.long()
         if not self.cfg.enabled:
-            return centre_crop(data, self.patch_size), _outside_to_background(centre_crop(seg, self.patch_size))
+            cropped = _outside_to_background(centre_crop(seg, self.patch_size))
+            return self._with_previous(centre_crop(data, self.patch_size), cropped, None)
         rng = _Random(generator, data.device)
         data, seg = self._spatial(data, seg, rng)
         data = self._noise_and_blur(data, rng)
         data = self._intensity(data, rng)
         data, seg = self._mirror(data, seg, rng)
-        return self._mask(data, seg), _outside_to_background(seg)
+        return self._with_previous(self._mask(data, seg), _outside_to_background(seg), rng)
+
+    def _with_previous(self, data: Tensor, seg: Tensor, rng: _Random | None) -> tuple[Tensor, Tensor]:
+        """A cascade's previous-stage labels, one-hot, appended to the data (perturbed when augmenting)."""
+        if not self.previous_stage:
+            return data, seg
+        from viseg.training.cascade_augment import perturb_previous_stage
+
+        codes = torch.arange(1, self.labels.num_classes, device=seg.device).view(1, -1, *[1] * self.dim)
+        one_hot = (seg[:, 1:2] == codes).to(data.dtype)
+        if rng is not None:
+            one_hot = perturb_previous_stage(one_hot, int(rng.rand(1).mul(2**31).item()))
+        return torch.cat([data, one_hot], 1), seg[:, :1]
 
     def _check(self, data: Tensor, seg: Tensor) -> None:
-        if data.dim() != self.dim + 2 or seg.shape != (data.shape[0], 1, *data.shape[2:]):
-            raise ValueError(f"expected data (B, C, *S) and seg (B, 1, *S) with {self.dim} spatial axes, "
-                             f"got {tuple(data.shape)} and {tuple(seg.shape)}")
+        seg_channels = 2 if self.previous_stage else 1
+        if data.dim() != self.dim + 2 or seg.shape != (data.shape[0], seg_channels, *data.shape[2:]):
+            raise ValueError(f"expected data (B, C, *S) and seg (B, {seg_channels}, *S) with {self.dim} spatial "
+                             f"axes, got {tuple(data.shape)} and {tuple(seg.shape)}")
         if self.use_mask_for_norm and len(self.use_mask_for_norm) != data.shape[1]:
             raise ValueError(f"use_mask_for_norm has {len(self.use_mask_for_norm)} flags for {data.shape[1]} "
                              "channels")
@@ -389,7 +410,7 @@ class BatchAugmenter:
     def _mask(self, data: Tensor, seg: Tensor) -> Tensor:
         """nnU-Net's MaskImageTransform: masked channels back to exactly 0 outside the mask, as inference sees them."""
         if self.masked_channels:
-            outside = seg == LabelEncoding.OUTSIDE  # (B, 1, *patch): broadcasts over the chosen channels
+            outside = seg[:, :1] == LabelEncoding.OUTSIDE  # (B, 1, *patch): broadcasts over the chosen channels
             channels = data[:, self.masked_channels]
             data[:, self.masked_channels] = channels.masked_fill(outside, 0.0)
         return data

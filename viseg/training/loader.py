@@ -35,6 +35,7 @@ from viseg.data.labels import LabelEncoding, Region
 from viseg.errors import ConfigError, DatasetError
 from viseg.io.layout import cached_case_files
 from viseg.preprocessing.preprocess import load_arrays
+from viseg.preprocessing.previous_stage import load_previous
 
 RERUN_FIX = "re-run preprocessing for the dataset; cases without their marker were interrupted or never written"
 
@@ -45,6 +46,7 @@ class _Case:
     seg: np.ndarray  # (1, Z, Y, X) int16, memory-mapped
     # label (or region) -> (N, 4) coordinates (channel, z, y, x); only non-empty ones
     foreground: dict[Region, np.ndarray]
+    previous: np.ndarray | None = None  # a cascade's (Z, Y, X) previous-stage labels, memory-mapped
 
 
 def _require_markers(folder: Path, case_ids: Sequence[str]) -> None:
@@ -55,7 +57,7 @@ def _require_markers(folder: Path, case_ids: Sequence[str]) -> None:
                            f"(no <case>.json marker): {', '.join(missing)}", fix=RERUN_FIX)
 
 
-def _load_case(folder: Path, case_id: str, labels: Sequence[Region]) -> _Case:
+def _load_case(folder: Path, case_id: str, labels: Sequence[Region], previous_dir: Path | None = None) -> _Case:
     try:
         data, seg, found = load_arrays(folder, case_id)
     except (OSError, ValueError, KeyError) as exc:
@@ -65,7 +67,8 @@ def _load_case(folder: Path, case_id: str, labels: Sequence[Region]) -> _Case:
         raise DatasetError(f"case {case_id} in {folder}: data {data.shape} and seg {seg.shape} must be "
                            "(C, Z, Y, X) and (1, Z, Y, X)", fix=RERUN_FIX)
     foreground = {value: found[value].reshape(-1, 4) for value in labels if value in found and found[value].size}
-    return _Case(data, seg, foreground)
+    previous = load_previous(previous_dir, case_id, data.shape[1:]) if previous_dir is not None else None
+    return _Case(data, seg, foreground, previous)
 
 
 def _check_sampler_args(patch_size: Sequence[int], network_patch_size: Sequence[int], batch_size: int,
@@ -97,15 +100,18 @@ class PatchSampler:
     def __init__(self, folder: Path, case_ids: Sequence[str], patch_size: Sequence[int], batch_size: int,
                  foreground_labels: Sequence[int], oversample_foreground_percent: float, conv_dim: int,
                  network_patch_size: Sequence[int] | None = None, ignore_label: int | None = None,
-                 oversample_keys: Sequence[Region] | None = None) -> None:
+                 oversample_keys: Sequence[Region] | None = None, previous_dir: Path | None = None) -> None:
         """`oversample_keys`: what forced-foreground patches centre on, the foreground labels by default;
-        a region plan's regions (preprocessing samples their locations, as nnU-Net's class_locations)."""
+        a region plan's regions (preprocessing samples their locations, as nnU-Net's class_locations).
+        `previous_dir`: a cascade's previous-stage labels (`viseg.preprocessing.previous_stage`), cropped with
+        each patch into a second seg channel."""
         network = tuple(patch_size) if network_patch_size is None else tuple(network_patch_size)
         self.labels = LabelEncoding(tuple(int(v) for v in foreground_labels), ignore_label)
         _check_sampler_args(patch_size, network, batch_size, oversample_foreground_percent, conv_dim)
         if not case_ids:
             raise ConfigError(f"no cases to sample patches from in {folder}")
         self.folder, self.case_ids = Path(folder), list(case_ids)
+        self.previous_dir = Path(previous_dir) if previous_dir is not None else None
         _require_markers(self.folder, self.case_ids)
         self.batch_size, self.conv_dim = batch_size, conv_dim
         self.oversample_keys = tuple(self.labels.foreground_labels if oversample_keys is None else oversample_keys)
@@ -124,10 +130,12 @@ class PatchSampler:
     def sample_batch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """data (B, C, *patch) float32 and seg (B, 1, *patch) int64 in `LabelEncoding` codes: 0..K, the
         ignore code, and OUTSIDE outside the nonzero mask and where the patch is padded (nnU-Net pads the
-        seg with -1), which augmentation turns into background."""
+        seg with -1), which augmentation turns into background. A cascade's seg has a second channel, the
+        previous stage's labels in the same codes."""
         cases = [self._case(self.case_ids[i]) for i in rng.integers(len(self.case_ids), size=self.batch_size)]
         data = np.zeros((self.batch_size, self._channels, *self.patch), dtype=np.float32)
-        seg = np.full((self.batch_size, 1, *self.patch), LabelEncoding.OUTSIDE, dtype=np.int64)
+        seg_channels = 1 if self.previous_dir is None else 2
+        seg = np.full((self.batch_size, seg_channels, *self.patch), LabelEncoding.OUTSIDE, dtype=np.int64)
         for i, case in enumerate(cases):
             lower = self._lower_corner(case, i >= self.first_forced, rng)
             self._crop_into(case, lower, data[i], seg[i])
@@ -138,7 +146,7 @@ class PatchSampler:
     def _case(self, case_id: str) -> _Case:
         case = self._cache.get(case_id)
         if case is None:
-            case = _load_case(self.folder, case_id, self.oversample_keys)
+            case = _load_case(self.folder, case_id, self.oversample_keys, self.previous_dir)
             if self._channels is not None and case.data.shape[0] != self._channels:
                 raise DatasetError(f"case {case_id} in {self.folder} has {case.data.shape[0]} channels, "
                                    f"other cases {self._channels}", fix=RERUN_FIX)
@@ -171,6 +179,8 @@ class PatchSampler:
             target.append(slice(first - start, last - start))
         data_out[(slice(None), *target)] = case.data[(slice(None), *source)]
         seg_out[(0, *target)] = self.labels.encode(case.seg[(0, *source)])
+        if case.previous is not None:
+            seg_out[(1, *target)] = self.labels.encode(case.previous[tuple(source)])
 
 
 class TrainingBatches(IterableDataset):
@@ -220,14 +230,15 @@ class SegmentationDataModule(L.LightningDataModule):
                  input_patch_size: Sequence[int], batch_size: int, foreground_labels: Sequence[int],
                  sampling: SamplingConfig, loader: LoaderConfig, iterations_per_epoch: int, val_iterations: int,
                  conv_dim: int, seed: int, network_patch_size: Sequence[int] | None = None,
-                 ignore_label: int | None = None, oversample_keys: Sequence[Region] | None = None) -> None:
+                 ignore_label: int | None = None, oversample_keys: Sequence[Region] | None = None,
+                 previous_dir: Path | None = None) -> None:
         super().__init__()
         self.loader_cfg = loader
 
         def sampler(case_ids: Sequence[str]) -> PatchSampler:
             return PatchSampler(Path(folder), case_ids, input_patch_size, batch_size, foreground_labels,
                                 sampling.oversample_foreground_percent, conv_dim, network_patch_size, ignore_label,
-                                oversample_keys)
+                                oversample_keys, previous_dir)
 
         self.train_batches = TrainingBatches(sampler(train_ids), iterations_per_epoch, seed, stream=0)
         self.val_batches = TrainingBatches(sampler(val_ids), val_iterations, seed, stream=1)

@@ -35,6 +35,7 @@ from viseg.planning.plans import Plans
 from viseg.preprocessing.prepare import PreparedDataset, prepare
 from viseg.preprocessing.preprocess import preprocess_dataset
 from viseg.provenance import code_changes, code_version
+from viseg.training.cascade import is_cascade, prepare_previous_stage
 from viseg.training.continue_run import is_started, own_prepared
 from viseg.training.init_weights import INIT_REPORT, InitReport, encoder_parameters, initialise_from, source_checkpoint
 from viseg.training.resolve import resolve_config
@@ -129,7 +130,8 @@ def _refuse_existing_run(run_dir: Path) -> None:
     raise ConfigError(f"run folder {run_dir} already holds a run ({', '.join(found)})", fix=fix)
 
 
-def build_datamodule(cfg: BaseConfig, prepared: PreparedDataset, folder: Path, input_size: tuple[int, ...]) -> Any:
+def build_datamodule(cfg: BaseConfig, prepared: PreparedDataset, folder: Path, input_size: tuple[int, ...],
+                     previous_dir: Path | None = None) -> Any:
 
     from viseg.training.loader import SegmentationDataModule
     split = prepared.splits[cfg.fold]
@@ -139,7 +141,8 @@ def build_datamodule(cfg: BaseConfig, prepared: PreparedDataset, folder: Path, i
         loader=cfg.loader, iterations_per_epoch=cfg.trainer.iterations_per_epoch,
         val_iterations=cfg.trainer.val_iterations, conv_dim=cfg.model.model_args.conv_dim, seed=cfg.seed,
         network_patch_size=tuple(cfg.patch_size), ignore_label=prepared.plans.ignore_label,
-        oversample_keys=prepared.plans.label_encoding().scored if prepared.plans.regions else None)
+        oversample_keys=prepared.plans.label_encoding().scored if prepared.plans.regions else None,
+        previous_dir=previous_dir)
 
 
 def build_module(cfg: BaseConfig, prepared: PreparedDataset) -> tuple[Any, tuple[int, ...]]:
@@ -158,10 +161,11 @@ def build_module(cfg: BaseConfig, prepared: PreparedDataset) -> tuple[Any, tuple
     loss = DeepSupervisionLoss(_loss(cfg, plan.batch_dice, labels), n_outputs)
     anisotropic = is_anisotropic(patch, plan.spacing)
     disabled = type(cfg.augmentation)(enabled=False)
+    cascade = plan.previous_stage is not None
     module = SegmentationModule(
         network, loss, labels.num_classes, cfg.optimizer, cfg.lr_scheduler, cfg.trainer.max_epochs,
-        train_transform=BatchAugmenter(patch, cfg.augmentation, anisotropic, labels, plan.use_mask_for_norm),
-        val_transform=BatchAugmenter(patch, disabled, anisotropic, labels, plan.use_mask_for_norm),
+        train_transform=BatchAugmenter(patch, cfg.augmentation, anisotropic, labels, plan.use_mask_for_norm, cascade),
+        val_transform=BatchAugmenter(patch, disabled, anisotropic, labels, plan.use_mask_for_norm, cascade),
         ignore_index=labels.ignore_index, region_codes=labels.region_codes)
     return module, augmentation_input_size(patch, cfg.augmentation, anisotropic)
 
@@ -295,19 +299,21 @@ def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: Repo
         prepared = own_prepared(cfg, run_dir, prepared)
     cfg = resolve_config(cfg, prepared.plans, prepared.configuration)
     folder = preprocess_dataset(prepared, cfg.num_processes, progress)
+    # a cascade's previous-stage inputs are data too: checked and predicted before the run folder exists
+    previous = prepare_previous_stage(cfg, prepared, run_dir, progress) if is_cascade(prepared) else None
     # the run folder is written once its data is ready: a failed or killed preprocessing leaves no run behind
     # (the same command then simply runs again), while any later stop leaves one to continue, never to redo
     _write_run_files(run_dir, cfg, prepared)
     L.seed_everything(cfg.seed + cfg.fold, workers=True, verbose=False)
     module, input_size = build_module(cfg, prepared)
     started_from = _initial_weights(cfg, module, run_dir, source)
-    datamodule = build_datamodule(cfg, prepared, folder, input_size)
+    datamodule = build_datamodule(cfg, prepared, folder, input_size, previous)
     notes = [*started_from.lines(), *_finetune_note(cfg)] if started_from and source is not None else []
     trainer = build_trainer(cfg, run_dir, report, progress, _finetune_callbacks(cfg, module, started_from),
                             tuple(notes))
     _fit(trainer, module, datamodule, resume_from)
     validation_started = time.perf_counter()
-    validation = validate_full_cases(module.network, cfg, prepared, folder, run_dir, progress)
+    validation = validate_full_cases(module.network, cfg, prepared, folder, run_dir, progress, previous)
     validation_seconds = time.perf_counter() - validation_started
     result = TrainResult(run_dir=run_dir, epochs=trainer.current_epoch, ema_pseudo_dice=module.ema_pseudo_dice,
                          validation=validation)

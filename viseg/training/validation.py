@@ -15,17 +15,19 @@ from viseg.config import BaseConfig
 from viseg.io.jsonio import write_json_atomic
 from viseg.preprocessing.prepare import PreparedDataset
 from viseg.preprocessing.preprocess import load_case
+from viseg.preprocessing.previous_stage import load_previous, one_hot_previous
 from viseg.progress import track
 
 
 def validate_full_cases(network: Any, cfg: BaseConfig, prepared: PreparedDataset, folder: Path,
-                        run_dir: Path, progress: bool = True) -> dict[str, Any]:
+                        run_dir: Path, progress: bool = True, previous_dir: Path | None = None) -> dict[str, Any]:
     """Sliding-window prediction of every validation case of the fold, Dice per class (or region) per case;
     voxels of the ignore label are not scored.
 
     Evaluated on the preprocessed grid (after resampling to the plan's spacing); exporting to the original
     grid is the job of `python -m viseg.predict`. Scored in label values, like `viseg evaluate`: outputs
-    become a label map as prediction makes it (argmax, or regions by regions_class_order).
+    become a label map as prediction makes it (argmax, or regions by regions_class_order). A cascade
+    (`previous_dir`) sees each case's previous-stage labels as more input channels, as in training.
     """
     from viseg.evaluation.metrics import dice_per_label, mean_ignoring_none, mean_over_cases, region_key
     from viseg.inference.export import probabilities_to_labels
@@ -38,7 +40,11 @@ def validate_full_cases(network: Any, cfg: BaseConfig, prepared: PreparedDataset
     cases: dict[str, dict[str, float | None]] = {}
     for case_id in track(prepared.splits[cfg.fold]["val"], "Validating", enabled=progress):
         data, seg, _, _ = load_case(folder, case_id)
-        probabilities = predict_volume(network, np.asarray(data), plan.patch_size, labels.num_outputs, device,
+        data = np.asarray(data)
+        if previous_dir is not None:
+            previous = load_previous(previous_dir, case_id, data.shape[1:])
+            data = np.concatenate([data, one_hot_previous(previous, labels.foreground_labels, data.dtype)])
+        probabilities = predict_volume(network, data, plan.patch_size, labels.num_outputs, device,
                                        regions=labels.has_regions)
         prediction = probabilities_to_labels(probabilities.cpu().numpy(), (0, *labels.foreground_labels),
                                              labels.regions_class_order)
