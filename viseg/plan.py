@@ -27,11 +27,13 @@ def _configuration_rows(plan: ConfigurationPlan) -> list[tuple[str, str]]:
         ("kernel sizes", " ".join(_fmt(k) for k in net.kernel_sizes)),
         ("convs per stage (enc/dec)", f"{' '.join(map(str, net.n_conv_per_stage))} / "
                                       f"{' '.join(map(str, net.n_conv_per_stage_decoder))}"),
+        ("stage", f"after {plan.previous_stage}" if plan.previous_stage else
+         f"before {plan.next_stage}" if plan.next_stage else "-"),
     ]
 
 
 def render_plan(plans: Plans, selected: str) -> str:
-    names = [n for n in ("3d_fullres", "3d_lowres", "2d") if n in plans.configurations]
+    names = [n for n in ("3d_fullres", "3d_lowres", "3d_cascade_fullres", "2d") if n in plans.configurations]
     rows = {n: dict(_configuration_rows(plans.configurations[n])) for n in names}
     keys = list(rows[names[0]])
     titles = {n: n + (" *" if n == selected else "") for n in names}

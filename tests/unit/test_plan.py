@@ -329,7 +329,21 @@ def test_plan_folder_names_of_existing_caches_do_not_change():
     assert plans_dir_for(Path("c"), PlannerSettings(base_num_features=8)).name != "PlainConvUNet-3d_fullres-84849d37"
 
 
-def test_the_plan_table_lists_lowres_when_planned(lowres_plans):
-    header = render_plan(lowres_plans["ct_large"][0], "3d_lowres").splitlines()[0].split()
-    assert header == ["3d_fullres", "3d_lowres", "*", "2d"]
+def test_the_plan_table_lists_lowres_and_the_cascade_when_planned(lowres_plans):
+    table = render_plan(lowres_plans["ct_large"][0], "3d_lowres").splitlines()
+    assert table[0].split() == ["3d_fullres", "3d_lowres", "*", "3d_cascade_fullres", "2d"]
+    assert table[-1].split() == ["stage", "-", "before", "3d_cascade_fullres", "after", "3d_lowres", "-"]
     assert render_plan(lowres_plans["ct_drop"][0], "3d_fullres").splitlines()[0].split() == ["3d_fullres", "*", "2d"]
+
+
+def test_cascade_overrides_apply_to_the_cascade_only(lowres_plans):
+    """The cascade trains on a lowres run planned without its overrides: 3d_fullres (whose patch the lowres
+    search starts from) and 3d_lowres stay as that run's plan has them."""
+    default, _ = lowres_plans["ct_large"]
+    plans = make_plans(_lowres_fingerprint("ct_large"),
+                       PlannerSettings(configuration="3d_cascade_fullres", patch_size=(64, 64, 64), batch_size=3))
+    cascade = plans.configuration("3d_cascade_fullres")
+    assert cascade.patch_size == (64, 64, 64) and cascade.batch_size == 3
+    assert cascade.previous_stage == "3d_lowres" and cascade.inherits_from == "3d_fullres"
+    assert {n: plans.configuration(n) for n in ("3d_fullres", "3d_lowres", "2d")} == \
+        {n: default.configuration(n) for n in ("3d_fullres", "3d_lowres", "2d")}

@@ -377,8 +377,14 @@ def _plan_3d(fullres: ConfigurationInputs, arch: Architecture, gpu_memory_gb: fl
         lowres = replace(lowres, patch_size=settings.patch_size, batch_size=settings.batch_size)
     lowres_plan = plan_configuration(lowres, arch, gpu_memory_gb, fingerprint, batch_dice=False, estimate=estimate)
     fullres_plan = replace(fullres_plan, batch_dice=True)
-    # nnU-Net's 3d_cascade_fullres: 3d_fullres's plan and preprocessed data, the lowres prediction as more input
-    cascade = replace(fullres_plan, name=LOWRES_NEXT_STAGE, inherits_from="3d_fullres", previous_stage=LOWRES_STAGE)
+    # nnU-Net's 3d_cascade_fullres: 3d_fullres's plan and preprocessed data, the lowres prediction as more input.
+    # The user's patch and batch size for the cascade apply to it alone: 3d_fullres (and with it the lowres stage
+    # searched from its patch) stays as the cascade's lowres run planned it.
+    cascade = fullres_plan
+    if settings.configuration == LOWRES_NEXT_STAGE and (settings.patch_size or settings.batch_size):
+        chosen = replace(fullres, patch_size=settings.patch_size, batch_size=settings.batch_size)
+        cascade = plan_configuration(chosen, arch, gpu_memory_gb, fingerprint, batch_dice=True, estimate=estimate)
+    cascade = replace(cascade, name=LOWRES_NEXT_STAGE, inherits_from="3d_fullres", previous_stage=LOWRES_STAGE)
     return {"3d_fullres": fullres_plan, LOWRES_STAGE: replace(lowres_plan, next_stage=LOWRES_NEXT_STAGE),
             LOWRES_NEXT_STAGE: cascade}
 
@@ -422,8 +428,7 @@ def make_plans(fingerprint: Fingerprint, settings: PlannerSettings) -> Plans:
     n_voxels = float(np.prod(median_t, dtype=np.float64) * fingerprint.num_cases)
 
     def inputs(name: str, dims: slice) -> ConfigurationInputs:
-        # the cascade is 3d_fullres's plan: its patch and batch size are set there
-        chosen = name == (settings.configuration if settings.configuration != LOWRES_NEXT_STAGE else "3d_fullres")
+        chosen = name == settings.configuration
         return ConfigurationInputs(
             name=name, spacing=target_t[dims], median_shape=median_t[dims], approximate_n_voxels_dataset=n_voxels,
             num_input_channels=len(fingerprint.channel_names), num_output_channels=len(foreground) + 1,
