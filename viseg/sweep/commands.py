@@ -15,6 +15,7 @@ from viseg.sweep.cross_validate import plan_cross_validation
 from viseg.sweep.driver import STATE_FILE, SweepPlan, load_state, plan_sweep, prepare_all, render_trials, save_state
 from viseg.sweep.parse import parse_request
 from viseg.sweep.search_report import next_command, write_search_report
+from viseg.sweep.stages import start_board, stop_board
 from viseg.sweep.summary import render_table, summarize, write_summary
 from viseg.sweep.tune import build_tuner, init_ray, record_errors, restore_tuner
 
@@ -69,6 +70,8 @@ def _finish(plan: SweepPlan, results) -> int:
 def _fit(plan: SweepPlan, tuner) -> int:
     """Run the trials. A full disk under storage_path can break Tune's own bookkeeping (a truncated error
     file makes its result grid raise): that becomes one error saying what is kept and how to go on."""
+    # a cascade's trials wait on this actor for their lowres trials; it lives while this handle does
+    board = start_board(plan.experiment_dir / EXPERIMENT_RUNS) if plan.previous_stages else None
     try:
         return _finish(plan, tuner.fit())
     except VisegError:
@@ -78,6 +81,8 @@ def _fit(plan: SweepPlan, tuner) -> int:
             raise storage_full("the sweep's results", plan.experiment_dir,
                                fix=free_space_then(f"python -m viseg.sweep resume={plan.experiment_dir}")) from exc
         raise
+    finally:
+        stop_board(board)
 
 
 def _a_trial_ran_out_of_space(experiment_dir: Path) -> bool:

@@ -19,7 +19,8 @@ from viseg.config import BaseConfig, register_configs, reject_derived_overrides
 from viseg.errors import ConfigError
 from viseg.io.jsonio import read_json, write_json_atomic
 from viseg.resources import conf_dir
-from viseg.sweep.spec import SearchAxis, SweepConfig, SweepRequest, parse_folds
+from viseg.sweep.spec import SearchAxis, SweepConfig, SweepRequest, parse_folds, variant_name
+from viseg.sweep.stages import CASCADE, previous_stage_overrides
 from viseg.sweep.trial import trial_config
 from viseg.training.init_weights import source_checkpoint
 from viseg.training.tracking import sweep_variant
@@ -38,6 +39,8 @@ class SweepPlan:
     search: list[SearchAxis]
     settings: SweepConfig  # the sweep's own typed settings, saved and loaded through OmegaConf
     fixed: list[str] = field(default_factory=list)  # overrides every variant shares (best_config.yaml repeats them)
+    # cascade variant -> the 3d_lowres variant whose runs (fold by fold) it trains on (sweep/stages.py)
+    previous_stages: dict[str, str] = field(default_factory=dict)
 
     @property
     def experiment_dir(self) -> Path:
@@ -95,6 +98,7 @@ def plan_sweep(request: SweepRequest) -> SweepPlan:
         cfg = compose_variant(settings.config_name, [*request.fixed, *variant_overrides])
         variants[name] = OmegaConf.to_yaml(OmegaConf.structured(cfg))
         overrides[name] = variant_overrides
+    variants, overrides, previous_stages = _with_previous_stages(request, variants, overrides)
     first = compose_variant(settings.config_name, request.fixed)
     folds = parse_folds(settings.search.folds if request.search else settings.folds, first.splits.n_folds)
 
@@ -106,7 +110,45 @@ def plan_sweep(request: SweepRequest) -> SweepPlan:
     return SweepPlan(experiment=experiment,
                      storage_path=str(Path(settings.storage_path).expanduser().resolve()),  # URIs refused in spec
                      variants=variants, overrides=overrides, folds=folds, search=request.search,
-                     settings=settings, fixed=list(request.fixed))
+                     settings=settings, fixed=list(request.fixed), previous_stages=previous_stages)
+
+
+def _free_name(name: str, taken: set[str]) -> str:
+    return name if name not in taken else f"{name}-{hashlib.sha256(name.encode()).hexdigest()[:6]}"
+
+
+def _with_previous_stages(request: SweepRequest, variants: dict[str, str], overrides: dict[str, list[str]]
+                          ) -> tuple[dict[str, str], dict[str, list[str]], dict[str, str]]:
+    """Every cascade variant's 3d_lowres variant: an existing variant when one composes to exactly it, else a
+    new one. Lowres variants come first, so that Tune starts their trials before the cascade's."""
+    from omegaconf import OmegaConf
+
+    cascades = [name for name, text in variants.items() if OmegaConf.create(text).get("configuration") == CASCADE]
+    if not cascades:
+        return variants, overrides, {}
+    if request.search:
+        raise ConfigError(f"configuration={CASCADE} in a search: each sampled configuration would need its own "
+                          "3d_lowres runs first", fix="sweep the cascade as a grid (configuration=3d_fullres,"
+                          f"{CASCADE} or fixed), then search the settings of one stage at a time")
+    by_text = {text: name for name, text in variants.items()}
+    stage_variants: dict[str, str] = {}
+    stage_overrides: dict[str, list[str]] = {}
+    previous: dict[str, str] = {}
+    for name in cascades:
+        lowres_overrides = previous_stage_overrides(overrides[name])
+        cfg = compose_variant(request.settings.config_name, previous_stage_overrides([*request.fixed,
+                                                                                      *overrides[name]]))
+        text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        stage = by_text.get(text) or _free_name(variant_name(tuple(tuple(o.split("=", 1)) for o in lowres_overrides)),
+                                                {*variants, *stage_variants})
+        by_text.setdefault(text, stage)
+        if stage not in variants:
+            stage_variants[stage], stage_overrides[stage] = text, lowres_overrides
+        previous[name] = stage
+    lowres = [n for n in variants if n in previous.values()]
+    order = [*lowres, *(n for n in variants if n not in lowres)]
+    return ({**stage_variants, **{n: variants[n] for n in order}},
+            {**stage_overrides, **{n: overrides[n] for n in order}}, previous)
 
 
 def prepare_all(plan: SweepPlan) -> None:
@@ -174,7 +216,10 @@ def render_trials(plan: SweepPlan) -> str:
     lines = [f"experiment  {plan.experiment_dir}", f"trials      {len(plan.trials())} "
              f"({len(plan.variants)} variant(s) x folds {plan.folds})", ""]
     width = max(len(v) for v in plan.variants) + 2
+    feeds = {stage: sorted(c for c, s in plan.previous_stages.items() if s == stage)
+             for stage in plan.previous_stages.values()}
     lines += [f"  {v:{width}} fold {f}   {' '.join(plan.overrides[v]) or '(no overrides)'}"
+              + (f"   (the previous stage of {', '.join(feeds[v])})" if v in feeds else "")
               for v, f in plan.trials()]
     return "\n".join(lines)
 

@@ -29,6 +29,7 @@ from viseg.errors import (
 from viseg.io.atomic import copy_atomically
 from viseg.io.checkpoints import newest_good_checkpoint
 from viseg.io.layout import CHECKPOINTS_DIR, FINISHED_MARKER, LAST_CHECKPOINT
+from viseg.sweep import stages
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +112,13 @@ def _resume_checkpoint(run_dir: Path) -> Path | None:
     return local
 
 
-def run_trial(config: dict[str, Any], variants: dict[str, str], runs_dir: str) -> None:
+def run_trial(config: dict[str, Any], variants: dict[str, str], runs_dir: str,
+              previous_stages: dict[str, str] | None = None) -> None:
     """The Tune trainable. A full disk anywhere in the trial (checkpoint, metrics, Ray's own copies) ends it
-    with one error that says where and how to go on, recorded like any trial error."""
+    with one error that says where and how to go on, recorded like any trial error. `previous_stages`: cascade
+    variant -> its lowres variant (sweep/stages.py)."""
     try:
-        _train_trial(config, variants, runs_dir)
+        _train_trial(config, variants, runs_dir, previous_stages or {})
     except Exception as exc:
         if is_storage_full(exc) and not isinstance(exc, StorageFullError):
             experiment = Path(runs_dir).parent
@@ -138,22 +141,51 @@ def _variant_of(config: dict[str, Any], variants: dict[str, str], runs_dir: str)
     return variant
 
 
-def _train_trial(config: dict[str, Any], variants: dict[str, str], runs_dir: str) -> None:
+def _trial_run(variant: str, fold: int, variants: dict[str, str], runs_dir: str) -> tuple[BaseConfig, Any, Path]:
+    """A grid trial's config, prepared dataset and run folder (named by variant and fold)."""
+    from viseg.preprocessing.prepare import prepare
+    from viseg.training.train import run_dir_for
+
+    cfg = trial_config(variants[variant], fold, {}, variant, runs_dir)
+    prepared = prepare(cfg, progress=False)
+    return cfg, prepared, run_dir_for(cfg, prepared)
+
+
+def _train_trial(config: dict[str, Any], variants: dict[str, str], runs_dir: str,
+                 previous_stages: dict[str, str]) -> None:
     import ray.tune
 
     from viseg.preprocessing.prepare import prepare
     from viseg.training.train import run_dir_for, train
 
     variant, params = _variant_of(config, variants, runs_dir), dict(config.get("params") or {})
+    fold = int(config["fold"])
     name = variant if not params else f"{variant}-{ray.tune.get_context().get_trial_id()}"
-    cfg = trial_config(variants[variant], int(config["fold"]), params, name, runs_dir)
+    cfg = trial_config(variants[variant], fold, params, name, runs_dir)
     prepared = prepare(cfg, progress=False)
     run_dir = run_dir_for(cfg, prepared)
+    is_stage = variant in previous_stages.values()
     if (run_dir / FINISHED_MARKER).is_file():
+        if is_stage:
+            ray.get(stages.board(runs_dir).finished.remote(stages.stage_key(variant, fold), str(run_dir)))
         return  # finished before a driver restart: never train it again
-    # retry: the folder is this trial's own; the run goes on with its own plan and split (train() reads them)
-    result = train(cfg, prepared=prepared, report=_report, resume_from=_resume_checkpoint(run_dir),
-                   run_dir=run_dir, progress=False, retry=True)
+    if variant in previous_stages:  # a cascade: its fold's lowres run first (a Ray call that returns when done)
+        lowres = previous_stages[variant]
+        cfg.previous_stage = str(stages.wait_for_previous_stage(runs_dir, lowres, fold,
+                                                                _trial_run(lowres, fold, variants, runs_dir)[2]))
+    if is_stage:
+        ray.get(stages.board(runs_dir).started.remote(stages.stage_key(variant, fold)))
+    try:
+        # retry: the folder is this trial's own; the run goes on with its own plan and split (train() reads them)
+        result = train(cfg, prepared=prepared, report=_report, resume_from=_resume_checkpoint(run_dir),
+                       run_dir=run_dir, progress=False, retry=True)
+    except BaseException as exc:
+        if is_stage:
+            ray.get(stages.board(runs_dir).failed.remote(stages.stage_key(variant, fold), f"{type(exc).__name__}: "
+                                                         f"{exc}"))
+        raise
+    if is_stage:
+        ray.get(stages.board(runs_dir).finished.remote(stages.stage_key(variant, fold), str(run_dir)))
     final = {f"final/dice_{label}": value for label, value in result.validation["mean_dice_per_class"].items()
              if value is not None}
     # node_id: which Ray node trained the fold (the cluster test checks that trials spread over nodes)

@@ -49,7 +49,8 @@ def trainable(plan: SweepPlan) -> Any:
     runs_dir = str(plan.experiment_dir / EXPERIMENT_RUNS)
     if not plan.search:
         resources = plan.settings.resources
-        with_data = tune.with_parameters(run_trial, variants=plan.variants, runs_dir=runs_dir)
+        with_data = tune.with_parameters(run_trial, variants=plan.variants, runs_dir=runs_dir,
+                                         previous_stages=plan.previous_stages)
         return tune.with_resources(with_data, {"cpu": resources.cpu, "gpu": resources.gpu})
     search = plan.settings.search
     with_data = tune.with_parameters(run_search_trial, variants=plan.variants, runs_dir=runs_dir,
