@@ -152,3 +152,20 @@ def test_a_cascade_without_its_lowres_run_is_refused_before_any_run_folder(demo:
                                                        f"previous_stage={cascade['3d_lowres'][0]}"))
     with pytest.raises(ConfigError, match="other cases than this cascade"):
         train(wrong, progress=False)
+
+
+@pytest.mark.slow
+def test_a_cascade_model_zip_carries_its_lowres_stage(demo: Path, cascade, tmp_path: Path):
+    from viseg.export_model import export
+    from viseg.inference.ensemble import resolve_model
+
+    archive = tmp_path / "cascade.zip"
+    export(str(cascade[CASCADE][0]), archive)
+    (unpacked,) = resolve_model(str(archive)).run_dirs
+    ensemble = load_ensemble([unpacked], device="cpu")
+    assert ensemble.previous is not None and ensemble.previous.run_dirs == [unpacked / PREVIOUS_STAGE_DIR]
+    arrays = read_case(Case("c", (ImageSource(sorted((demo / "imagesTr").glob("*_0000.nii.gz"))[0]),), None),
+                       with_label=False)
+    original = load_ensemble([cascade[CASCADE][0]], device="cpu")
+    assert np.allclose(predict_case(ensemble, arrays.image, arrays.spacing),
+                       predict_case(original, arrays.image, arrays.spacing), atol=1e-5)

@@ -1,7 +1,8 @@
 """model.zip: trained runs as one file to share, and the only reader and writer of that format.
 
 Inside, each run is a run folder as prediction reads one (`fold_<k>/` with config.yaml, plans.json,
-dataset.json, splits.json, finished.json and the chosen checkpoint), next to the postprocessing.json of the
+dataset.json, splits.json, finished.json and the chosen checkpoint; a cascade's also its `previous_stage/`, the
+lowres run with its final weights), next to the postprocessing.json of the
 selection, if any, and `manifest.json`: the format, the checkpoint chosen, the code that trained the runs and
 the sha256 of every other entry. Opening an archive checks it before anything is used: an entry the manifest
 does not list, one whose sum differs, a link, or a name that would land outside the target folder (absolute,
@@ -23,7 +24,7 @@ from typing import Any
 
 from viseg.errors import ConfigError
 from viseg.io.atomic import temporary_name, write_atomically
-from viseg.io.layout import CHECKPOINTS_DIR, CODE_VERSION, FINISHED_MARKER, weights_file
+from viseg.io.layout import CHECKPOINTS_DIR, CODE_VERSION, FINISHED_MARKER, PREVIOUS_STAGE_DIR, weights_file
 
 MANIFEST = "manifest.json"
 FORMAT = "viseg-model"
@@ -57,6 +58,11 @@ def write_archive(run_dirs: list[Path], target: Path, checkpoint: str, postproce
                 entries[f"{name}/{file}"] = (run_dir / file).read_bytes()
         weights = run_dir / CHECKPOINTS_DIR / weights_file(checkpoint)
         entries[f"{name}/{CHECKPOINTS_DIR}/{weights.name}"] = weights.read_bytes()
+        previous = run_dir / PREVIOUS_STAGE_DIR  # a cascade's lowres run, predicted with its final weights
+        if previous.is_dir():
+            for file in (*RUN_FILES, f"{CHECKPOINTS_DIR}/{weights_file('final')}"):
+                if (previous / file).is_file():
+                    entries[f"{name}/{PREVIOUS_STAGE_DIR}/{file}"] = (previous / file).read_bytes()
     if postprocessing is not None:
         entries[POSTPROCESSING] = postprocessing.read_bytes()
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "checkpoint": checkpoint, "runs": names,
