@@ -37,16 +37,27 @@ QUOTED_KEYS = (*PATH_KEYS, "folds")  # folds=0,1,2 is one value, not a Hydra swe
 
 
 def _describe(ensemble: Ensemble, cfg: PredictConfig, postprocessing: Postprocessing | None) -> None:
+    """The log's account of what predicts: runs, weights, configuration(s) and mirroring. A mixed ensemble
+    names each group's configuration and mirror axes, since they differ from group to group."""
     runs = "\n".join(f"  {d}" for d in ensemble.run_dirs)
-    mirror = list(ensemble.mirror_axes) if cfg.mirror and ensemble.mirror_axes else "off"
-    log.info("ensemble of %d run(s), %s, %s configuration, predicting labels %s:\n%s", len(ensemble.run_dirs),
-             describe_weights(cfg.checkpoint, ensemble.weights_file), ensemble.configuration,
+    members = ensemble.members
+    configurations = (f"{ensemble.configuration} configuration" if len(members) == 1 else
+                      f"{len(members)} groups averaged alike ({' + '.join(m.configuration for m in members)})")
+    log.info("ensemble of %d run(s), %s, %s, predicting labels %s:\n%s", len(ensemble.run_dirs),
+             describe_weights(cfg.checkpoint, ensemble.weights_file), configurations,
              list(ensemble.label_values[1:]), runs)
+
+    def axes(member: Ensemble) -> list[int] | str:
+        return list(member.mirror_axes) if cfg.mirror and member.mirror_axes else "off"
+
+    mirror = axes(ensemble) if len(members) == 1 else ", ".join(f"{m.configuration} {axes(m)}" for m in members)
     log.info("device %s, mirror axes %s, step %s, postprocessing %s", ensemble.device, mirror, cfg.step,
              f"{postprocessing.source} (largest component of {list(postprocessing.largest_component_labels)})"
              if postprocessing else "none")
-    if cfg.mirror and not ensemble.mirror_axes:
-        log.warning("mirror=true, but training did not mirror: predicting without test-time mirroring")
+    unmirrored = [m.configuration for m in members if not m.mirror_axes]
+    if cfg.mirror and unmirrored:
+        which = "" if len(members) == 1 else f" ({', '.join(unmirrored)})"
+        log.warning("mirror=true, but training did not mirror%s: predicting without test-time mirroring", which)
 
 
 def _print_report(report: PredictionReport, output: Path) -> int:

@@ -350,10 +350,23 @@ def test_model_errors_name_the_folder_and_the_fix(trained: Trained, acdc: Path, 
     def other_patch(checkpoint: dict[str, Any]) -> None:
         checkpoint["viseg"]["plans"]["configurations"]["2d"]["patch_size"] = [32, 32]
 
+    # another plan that predicts the same labels from the same channels: a second group, averaged in the
+    # image's geometry
     other_plan = rewritten_checkpoint(trained.run_b, tmp_path / "other_plan" / "fold_1", other_patch)
-    with pytest.raises(ConfigError, match=f"{trained.run_a} and {other_plan} were trained with different plans "
-                                          r"\(configurations.2d.patch_size: \(64, 64\) vs \(32, 32\)\)"):
-        load_ensemble(resolve_model(f"{trained.run_a},{other_plan}").run_dirs, device="cpu")
+    mixed = load_ensemble(resolve_model(f"{trained.run_a},{other_plan}").run_dirs, device="cpu")
+    assert [g.run_dirs for g in mixed.groups] == [[trained.run_a], [other_plan]]
+    assert [g.plans.configuration("2d").patch_size for g in mixed.groups] == [(64, 64), (32, 32)]
+
+    def other_labels(checkpoint: dict[str, Any]) -> None:  # LV renamed: the same network, another meaning
+        labels = checkpoint["viseg"]["plans"]["labels"]
+        labels["left ventricle"] = labels.pop("LV")
+
+    renamed = rewritten_checkpoint(trained.run_b, tmp_path / "other_labels" / "fold_1", other_labels)
+    with pytest.raises(ConfigError, match=f"{trained.run_a} and {renamed} take different input channels or "
+                                          r"predict different labels \(labels.LV: 3 vs None; labels.left "
+                                          r"ventricle: None vs 3\)") as error:
+        load_ensemble(resolve_model(f"{trained.run_a},{renamed}").run_dirs, device="cpu")
+    assert "same label settings" in error.value.fix
 
     experiment = tmp_path / "experiment"
     shutil.copytree(trained.experiment, experiment, symlinks=True, ignore=lambda d, names: [

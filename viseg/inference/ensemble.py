@@ -1,4 +1,10 @@
-"""Trained runs -> an ensemble of networks that share one plan, ready for `viseg.predict`.
+"""Trained runs -> an ensemble of networks, ready for `viseg.predict`.
+
+Runs that share a configuration and a plan form one group, whose networks' probabilities are averaged on the
+plan's preprocessed grid. Runs of several groups (nnU-Net's 2d + 3d_fullres ensembles, or plans that differ in
+a patch size) are allowed when they agree on the input channels and on what each output means: every group
+then predicts in the image's own geometry and the groups' probabilities are averaged, each group weighing the
+same (nnU-Net's nnUNetv2_ensemble).
 
 `model=` takes a run folder (it holds config.yaml), a comma list of run folders, a sweep experiment folder
 (`<experiment>/runs/<dataset>/<plan>/<variant>/fold_<k>/`), whose finished folds of one variant form the
@@ -10,7 +16,7 @@ model's plan is its plans.json), loaded with `torch.load(weights_only=True)`: a 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +81,12 @@ class ModelSelection:
 @dataclass
 class Ensemble:
     """Networks of one plan, in eval mode on one device. Class k of their output is label value
-    `label_values[k]` (0 for background)."""
+    `label_values[k]` (0 for background).
+
+    An ensemble of several groups (configurations or plans) holds each as a one-group Ensemble in `groups`;
+    its own plans, configuration, mirror axes, pathfinder and file ending are then the first group's (the
+    groups agree on channels and labels, which is what the callers read them for), `run_dirs` and `networks`
+    all groups', in group order, and `previous` is None (each cascade group holds its own)."""
 
     run_dirs: list[Path]
     networks: list[nn.Module]
@@ -89,6 +100,14 @@ class Ensemble:
     # a cascade's previous stage: the lowres runs its folds were trained on (each run's previous_stage/ copy),
     # predicted first, their labels then input to this ensemble
     previous: Ensemble | None = None
+    # several configurations or plans: one one-group Ensemble each, whose predictions are averaged in the
+    # image's geometry; empty for an ensemble of one plan
+    groups: list[Ensemble] = field(default_factory=list)
+
+    @property
+    def members(self) -> list[Ensemble]:
+        """The one-group ensembles whose predictions are averaged: `groups`, or this ensemble itself."""
+        return self.groups or [self]
 
     @property
     def num_classes(self) -> int:
@@ -346,16 +365,44 @@ def plan_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-def _check_same_plan(runs: list[_LoadedRun]) -> None:
-    first = runs[0]
-    for run in runs[1:]:
-        differences = plan_differences({"configuration": first.configuration, **first.plans.to_dict()},
-                                       {"configuration": run.configuration, **run.plans.to_dict()})
+# What the groups of one ensemble must share: the input channels and what each output means (the label values,
+# their names, regions and the order regions write back). Everything else may differ between configurations.
+SHARED_PLAN_FIELDS = ("channel_names", "labels", "foreground_labels", "regions", "regions_class_order")
+
+
+def _plan_key(run: _LoadedRun) -> dict[str, Any]:
+    return {"configuration": run.configuration, **run.plans.to_dict()}
+
+
+def _group_runs(runs: list[_LoadedRun]) -> list[list[_LoadedRun]]:
+    """Runs by (configuration, plan), in the order their groups first appear. Runs of one group see the same
+    preprocessed input, so their networks are averaged window by window on one grid."""
+    groups: list[tuple[dict[str, Any], list[_LoadedRun]]] = []
+    for run in runs:
+        key = _plan_key(run)
+        group = next((members for plan, members in groups if plan == key), None)
+        if group is None:
+            groups.append((key, [run]))
+        else:
+            group.append(run)
+    return [members for _, members in groups]
+
+
+def _check_same_outputs(groups: list[list[_LoadedRun]]) -> None:
+    """Groups are averaged class by class, so each must take the same channels and give output k the same
+    meaning; ConfigError naming the first two run folders that disagree, and on what, else."""
+    first = groups[0][0]
+    shared = {name: first.plans.to_dict()[name] for name in SHARED_PLAN_FIELDS}
+    for group in groups[1:]:
+        run = group[0]
+        differences = plan_differences(shared, {name: run.plans.to_dict()[name] for name in SHARED_PLAN_FIELDS})
         if differences:
             shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
-            raise ConfigError(f"{first.run_dir} and {run.run_dir} were trained with different plans ({shown}); "
-                              "an ensemble averages networks that see the same preprocessed input",
-                              fix="ensemble the folds of one variant (same dataset, plan and plan overrides)")
+            raise ConfigError(f"{first.run_dir} and {run.run_dir} take different input channels or predict "
+                              f"different labels ({shown}); an ensemble averages probabilities of the same "
+                              "classes from the same images",
+                              fix="ensemble runs trained on the same dataset with the same label settings "
+                                  "(foreground_labels, regions); runs of other configurations or plans are fine")
 
 
 def _file_ending(run_dir: Path) -> str:
@@ -369,22 +416,41 @@ def _file_ending(run_dir: Path) -> str:
 
 def load_ensemble(run_dirs: list[Path] | tuple[Path, ...], checkpoint: str = "final",
                   device: str | torch.device = "auto") -> Ensemble:
-    """Load every run's network; all runs must share one plan (ConfigError naming the two folders else)."""
+    """Load every run's network, grouped by (configuration, plan). One group is averaged network by network;
+    several groups must agree on channels and labels (ConfigError naming two folders else) and are averaged
+    group by group in the image's geometry (`Ensemble.groups`)."""
     import torch
 
     from viseg.inference.device import resolve_device
 
     if not run_dirs:
         raise ConfigError("no run folders to load", fix="pass at least one run folder")
-    target = resolve_device(device) if isinstance(device, str) else device
+    target = torch.device(resolve_device(device) if isinstance(device, str) else device)
     runs = [_load_run(Path(d), checkpoint) for d in run_dirs]
-    _check_same_plan(runs)
+    groups = _group_runs(runs)
+    if len(groups) == 1:
+        return _one_group(groups[0], target)
+    _check_same_outputs(groups)
+    members = [_one_group(group, target) for group in groups]
+    log.info("ensemble of %d groups, each weighing the same: %s", len(members),
+             "; ".join(f"{m.configuration} ({len(m.run_dirs)} run(s): {', '.join(str(d) for d in m.run_dirs)})"
+                       for m in members))
+    first = members[0]
+    return Ensemble(run_dirs=[d for m in members for d in m.run_dirs],
+                    networks=[n for m in members for n in m.networks], plans=first.plans,
+                    configuration=first.configuration, mirror_axes=first.mirror_axes, device=target,
+                    pathfinder=first.pathfinder, file_ending=first.file_ending, weights_file=first.weights_file,
+                    groups=members)
+
+
+def _one_group(runs: list[_LoadedRun], device: torch.device) -> Ensemble:
+    """Runs of one configuration and plan as one ensemble (with its lowres ensemble, for a cascade)."""
     # runs of one variant mirror alike; should they not, only the axes all of them saw mirrored are safe
     axes = set.intersection(*(set(r.mirror_axes) for r in runs))
-    return Ensemble(run_dirs=[r.run_dir for r in runs], networks=[r.network.to(target) for r in runs],
+    return Ensemble(run_dirs=[r.run_dir for r in runs], networks=[r.network.to(device) for r in runs],
                     plans=runs[0].plans, configuration=runs[0].configuration, mirror_axes=tuple(sorted(axes)),
-                    device=torch.device(target), pathfinder=runs[0].pathfinder, file_ending=runs[0].file_ending,
-                    weights_file=runs[0].weights_file, previous=_previous_stage(runs, target))
+                    device=device, pathfinder=runs[0].pathfinder, file_ending=runs[0].file_ending,
+                    weights_file=runs[0].weights_file, previous=_previous_stage(runs, device))
 
 
 def _previous_stage(runs: list[_LoadedRun], device: torch.device) -> Ensemble | None:

@@ -3,7 +3,9 @@
 Per case: the same `preprocess_case` as training -> `predict_volume` per network (Gaussian-weighted sliding
 window, test-time mirroring along the axes training mirrored) -> softmax averaged over the ensemble ->
 `revert_geometry` back to the input's grid -> class -> label value -> postprocessing.json, if any -> NIfTI
-with the input's affine and header. Model selection (`best=`) calls `predict_case` directly.
+with the input's affine and header. An ensemble of several configurations or plans (`Ensemble.groups`) runs
+this per group up to `revert_geometry` and averages the groups' probabilities in the input's grid. Model
+selection (`best=`) calls `predict_case` directly.
 
 Each case's inputs are checked before its voxels are read (`check_case_headers`), then for NaN and infinite
 voxels. A case that fails in any way, a MemoryError or a bug included, fails alone: `predict_cases` records
@@ -50,9 +52,15 @@ def ensemble_probabilities(ensemble: Ensemble, data: np.ndarray, options: Infere
     """Softmax (a region plan: sigmoid) averaged over the ensemble's networks, (K, *data's spatial shape) on
     the plan's grid.
 
-    Probabilities, not logits, are averaged, so every member weighs the same however confident it is."""
+    Probabilities, not logits, are averaged, so every member weighs the same however confident it is. One
+    plan's grid only: the groups of a mixed ensemble have no common grid, so `predict_case` averages them."""
 
     from viseg.inference.sliding_window import predict_volume
+    if ensemble.groups:
+        raise ValueError(f"ensemble_probabilities takes an ensemble of one configuration and plan, got "
+                         f"{len(ensemble.groups)} groups ({', '.join(g.configuration for g in ensemble.groups)}): "
+                         "predict each group, or use predict_case, which averages the groups in the image's "
+                         "geometry")
 
     plan = ensemble.plans.configuration(ensemble.configuration)
     axes = ensemble.mirror_axes if options.mirror else ()
@@ -73,13 +81,23 @@ def predict_case(ensemble: Ensemble, image: np.ndarray, spacing: tuple[float, ..
 
     A cascade first predicts the case with its lowres ensemble, in the image's geometry, and hands that label
     map to preprocessing as the case's label (cropped and resampled as labels are, nnU-Net's
-    -prev_stage_predictions), then as one-hot channels to the full-resolution networks."""
+    -prev_stage_predictions), then as one-hot channels to the full-resolution networks.
+
+    An ensemble of several groups (configurations or plans) returns the mean of each group's prediction, each
+    group weighing the same however many folds it has: nnU-Net's nnUNetv2_ensemble averages its models'
+    probabilities likewise. Their preprocessed grids differ, so they are averaged in the image's geometry."""
 
     from viseg.inference.export import revert_geometry
     from viseg.preprocessing.preprocess import preprocess_case
     if image.shape[0] != ensemble.plans.num_channels:
         raise DatasetError(f"image has {image.shape[0]} channel(s); the model takes {ensemble.plans.num_channels}",
                            fix="pass the channels in dataset.json's channel_names order")
+    if ensemble.groups:
+        first, *others = ensemble.groups
+        total = np.asarray(predict_case(first, image, spacing, options, case_id), dtype=np.float32)
+        for group in others:  # a running sum: the total and one group's prediction in memory, not all
+            total += predict_case(group, image, spacing, options, case_id)
+        return total / np.float32(len(ensemble.groups))
     previous = None
     if ensemble.previous is not None:  # a cascade: the lowres ensemble's labels, preprocessed like a label map
         lowres = ensemble.previous

@@ -6,7 +6,9 @@ their own geometry (the same `predict_case` as `python -m viseg.predict`), and s
 original label files. Every case is scored by the fold that did not train on it, so each variant's number
 is a true cross-validation Dice.
 
-Then, as nnU-Net: the two best variants are also ensembled (their probabilities averaged per case), the best
+Then, as nnU-Net, pairs of variants are also ensembled (their probabilities averaged per case): nnU-Net pairs
+every two of its configurations; a sweep has many variants per configuration, so the pairs are every two of
+the best variant of each configuration (2d + 3d_fullres, ...), and the two best variants overall. The best
 candidate wins, and for each of its labels keeping only the largest connected component is adopted when it
 raises that label's mean Dice. Everything lands in `<experiment>/selection/`:
 
@@ -25,6 +27,7 @@ import shlex
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +57,8 @@ class Candidate:
     mean_dice: float | None  # mean over labels of the per-label mean over cases
     n_cases: int
     run_dirs: list[str] = field(default_factory=list)
+    # the members' configurations (2d, 3d_fullres, ...), '+'-joined for an ensemble: pairs are chosen by it
+    configuration: str = ""
 
 
 @dataclass
@@ -128,17 +133,19 @@ def cached_key(path: Path) -> dict[str, Any] | None:
 
 
 def predict_validation(variant: str, folds: dict[int, Path], out_dir: Path, checkpoint: str, mirror: bool,
-                       references: dict[str, np.ndarray], progress: bool) -> LabelEncoding:
+                       references: dict[str, np.ndarray], progress: bool) -> tuple[LabelEncoding, str]:
     """Full-resolution probabilities of every validation case of every fold, cached as .npz per case; a
-    cached case is reused only when its key (prediction_key) matches the one this call would use."""
+    cached case is reused only when its key (prediction_key) matches the one this call would use. Returns
+    what the variant predicts and its configuration (as its runs were trained), which choose the pairs that
+    are ensembled."""
     from viseg.data.nifti import read_case
     out_dir.mkdir(parents=True, exist_ok=True)
     options = InferenceOptions(mirror=mirror)
-    encoding = LabelEncoding(())
+    encoding, configuration = LabelEncoding(()), ""
     for fold, run_dir in sorted(folds.items()):
         cases, _ = _validation_cases(run_dir, fold)
         ensemble = load_ensemble([run_dir], checkpoint)
-        encoding = ensemble.plans.label_encoding()
+        encoding, configuration = ensemble.plans.label_encoding(), ensemble.configuration
         key = prediction_key(checkpoint_path(run_dir, checkpoint), checkpoint,
                              tuple(ensemble.mirror_axes) if mirror else None, options.step)
         stored = json.dumps(key, sort_keys=True)
@@ -152,7 +159,7 @@ def predict_validation(variant: str, folds: dict[int, Path], out_dir: Path, chec
             probabilities = predict_case(ensemble, arrays.image, arrays.spacing, options)
             write_atomically(target, lambda tmp, p=probabilities, k=stored: np.savez_compressed(
                 tmp, probabilities=p.astype(np.float16), key=np.array(k)), keep_ending=True)
-    return encoding
+    return encoding, configuration
 
 
 def score(load: LoadProbabilities, reference: Reference, largest_component: Iterable[Region] = ()
@@ -203,7 +210,9 @@ def choose_postprocessing(load: LoadProbabilities, reference: Reference, baselin
 
 
 def predict_command(experiment: Path, best: Candidate, postprocessing_file: Path, checkpoint: str) -> str:
-    """The command that deploys the winner with the weights it was scored with (final is predict's default)."""
+    """The command that deploys the winner with the weights it was scored with (final is predict's default).
+    An ensemble lists every finished fold of its members; `load_ensemble` groups them by configuration and
+    plan and weighs each group alike, as the members were weighed here."""
     weights = [] if checkpoint == "final" else [f"checkpoint={checkpoint}"]
     if len(best.members) == 1:
         return shlex.join(["python", "-m", "viseg.predict", f"model={experiment}", f"variant={best.members[0]}",
@@ -220,17 +229,20 @@ def select_best(experiment: Path, ensembles: bool = True, checkpoint: str = "fin
     selection = experiment / SELECTION_DIR
     folders = {v: selection / "predictions" / v.replace("/", "_") for v in variants}
     labels: dict[str, np.ndarray] = {}
-    values = {v: predict_validation(v, folds, folders[v], checkpoint, mirror, labels, progress)
-              for v, folds in variants.items()}
+    predicted = {v: predict_validation(v, folds, folders[v], checkpoint, mirror, labels, progress)
+                 for v, folds in variants.items()}
+    values = {v: encoding for v, (encoding, _) in predicted.items()}
     candidates = []
     for variant, folds in variants.items():
         reference = _reference_for(labels, folders[variant], values[variant])
         result = score(_loader([folders[variant]]), reference)
         candidates.append(Candidate(variant, [variant], result["dice_per_label"], result["mean_dice"],
-                                    len(reference.labels), [str(d) for _, d in sorted(folds.items())]))
+                                    len(reference.labels), [str(d) for _, d in sorted(folds.items())],
+                                    predicted[variant][1]))
     candidates = _rank(candidates)
     if ensembles and len(candidates) >= 2:
-        candidates = _rank([*candidates, *_ensemble(candidates[:2], folders, labels, values)])
+        pairs = [_ensemble(pair, folders, labels, values) for pair in ensemble_pairs(candidates)]
+        candidates = _rank([*candidates, *(c for c in pairs if c is not None)])
     best = candidates[0]
     member_folders = [folders[m] for m in best.members]
     reference = _reference_for(labels, member_folders[0], values[best.members[0]])
@@ -255,32 +267,62 @@ def _reference_for(labels: dict[str, np.ndarray], folder: Path, encoding: LabelE
     return Reference.of({c: labels[c] for c in sorted(labels) if (folder / f"{c}.npz").is_file()}, encoding)
 
 
-def _ensemble(top: list[Candidate], folders: dict[str, Path], labels: dict[str, np.ndarray],
-              values: dict[str, LabelEncoding]) -> list[Candidate]:
-    """The top two variants averaged, when they predict the same labels for the same cases."""
-    a, b = (c.members[0] for c in top)
+def ensemble_pairs(ranked: list[Candidate]) -> list[tuple[Candidate, Candidate]]:
+    """The pairs of single variants to ensemble, each pair better-ranked first: the two best variants (which
+    may share a configuration), then every two of the best variant of each configuration, nnU-Net's
+    find_best_configuration pairing of configurations; a pair named twice is tried once. `ranked`: single
+    variants, best first."""
+    best_of: dict[str, Candidate] = {}
+    for candidate in ranked:
+        best_of.setdefault(candidate.configuration, candidate)
+    pairs = [(ranked[0], ranked[1])] if len(ranked) >= 2 else []
+    pairs += list(combinations(best_of.values(), 2))  # best_of keeps rank order: better member first
+    seen: set[frozenset[str]] = set()
+    unique = []
+    for a, b in pairs:
+        if (key := frozenset((a.name, b.name))) not in seen:
+            seen.add(key)
+            unique.append((a, b))
+    return unique
+
+
+def _ensemble(pair: tuple[Candidate, Candidate], folders: dict[str, Path], labels: dict[str, np.ndarray],
+              values: dict[str, LabelEncoding]) -> Candidate | None:
+    """Two variants averaged, when they predict the same labels for the same cases (else None: their
+    probabilities could not be averaged class by class, or scored on one set of cases)."""
+    first, second = pair
+    a, b = first.members[0], second.members[0]
     ref_a, ref_b = (_reference_for(labels, folders[v], values[v]) for v in (a, b))
     if values[a] != values[b] or set(ref_a.labels) != set(ref_b.labels):
         log.warning("not ensembling %s and %s: they predict different labels or cases", a, b)
-        return []
+        return None
     result = score(_loader([folders[a], folders[b]]), ref_a)
-    return [Candidate(f"ensemble({a}+{b})", [a, b], result["dice_per_label"], result["mean_dice"],
-                      len(ref_a.labels), [*top[0].run_dirs, *top[1].run_dirs])]
+    return Candidate(f"ensemble({a}+{b})", [a, b], result["dice_per_label"], result["mean_dice"],
+                     len(ref_a.labels), [*first.run_dirs, *second.run_dirs],
+                     f"{first.configuration}+{second.configuration}")
 
 
 def render(report: dict[str, Any]) -> str:
+    """best.json as a table: each candidate, its configuration(s), Dice per label and mean; then the winner,
+    its postprocessing and the command that deploys it."""
     candidates = report["candidates"]
     labels = list(candidates[0]["dice_per_label"])
     width = max(len(c["name"]) for c in candidates) + 2
-    head = f"  {'candidate':{width}}" + "".join(f"{'dice ' + label:>12}" for label in labels) + f"{'mean':>10}"
+    # reports written before candidates had a configuration show none
+    config_width = max(len("configuration"), *(len(c.get("configuration", "")) for c in candidates)) + 2
+    head = (f"  {'candidate':{width}}{'configuration':{config_width}}"
+            + "".join(f"{'dice ' + label:>12}" for label in labels) + f"{'mean':>10}")
     lines = [head, "-" * len(head)]
     for c in candidates:
         mark = "*" if c["name"] == report["best"]["name"] else " "
         cells = "".join(f"{_fmt(c['dice_per_label'][label]):>12}" for label in labels)
-        lines.append(f"{mark} {c['name']:{width}}{cells}{_fmt(c['mean_dice']):>10}")
+        lines.append(f"{mark} {c['name']:{width}}{c.get('configuration', '') or '-':{config_width}}{cells}"
+                     f"{_fmt(c['mean_dice']):>10}")
     post = report["postprocessing"]
     kept = post["largest_component_labels"]
-    lines += ["", f"* best: {report['best']['name']} ({report['best']['n_cases']} cross-validation cases at full "
+    configuration = report["best"].get("configuration")
+    lines += ["", f"* best: {report['best']['name']} ({f'{configuration}; ' if configuration else ''}"
+                  f"{report['best']['n_cases']} cross-validation cases at full "
                   f"resolution, {describe_weights(report['checkpoint'])})",
               f"postprocessing: largest component of labels {kept} (mean Dice {_fmt(post['mean_dice_before'])} -> "
               f"{_fmt(post['mean_dice_after'])})" if kept else "postprocessing: none improves Dice",
