@@ -39,7 +39,8 @@ Sweep settings (a sweep spec in sweeps/<name>.yaml may set them; the command lin
   summary=<experiment path>      print and write the cross-validation summary (also while running)
   cross_validate=<search path> top_k=1   run the best searched configuration(s) over all folds
   best=<experiment path>         choose what to deploy: cross-validation Dice of every variant predicted at
-                                 full resolution, the top two ensembled, largest-component postprocessing
+                                 full resolution, pairs ensembled (the top two, and every pair of each
+                                 configuration's best), largest-component postprocessing
                                  per label where it helps; writes selection/best.json, prints the predict
                                  command (selection.ensembles=true selection.mirror=true selection.checkpoint=final)
 

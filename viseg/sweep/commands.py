@@ -135,7 +135,7 @@ def _start(plan: SweepPlan) -> int:
 
 
 def choose_best(args: list[str], sweeps_dir: Path) -> int:
-    """Cross-validation Dice at full resolution per variant (and the top two ensembled), postprocessing."""
+    """Cross-validation Dice at full resolution per variant (and pairs ensembled), postprocessing."""
 
     settings = parse_request(args, sweeps_dir).settings
     experiment = Path(settings.best or "")

@@ -85,7 +85,7 @@ class SearchConfig:
 class SelectionConfig:
     """How best= scores the variants (nnU-Net's find_best_configuration validates with mirroring on)."""
 
-    ensembles: bool = True  # also score the top two variants averaged
+    ensembles: bool = True  # also score pairs averaged: the top two, and the best of each configuration
     checkpoint: str = "final"  # final, best or last (WEIGHTS), as python -m viseg.predict
     mirror: bool = True
 
