@@ -11,6 +11,7 @@ from viseg.cli import run_app
 from viseg.config import BaseConfig, reject_derived_overrides
 from viseg.preprocessing.prepare import prepared_from_run
 from viseg.training.continue_run import continue_config, last_checkpoint
+from viseg.training.ranks import process_rank
 from viseg.training.train import train
 
 
@@ -26,6 +27,8 @@ def train_command(cfg: BaseConfig) -> int:
     else:
         reject_derived_overrides(cfg)
         result = train(cfg)
+    if process_rank() != 0:  # a DDP rank besides the first: rank 0 prints the run
+        return 0
     print(f"run folder         {result.run_dir}")
     print(f"epochs             {result.epochs}")
     print(f"pseudo Dice (EMA)  {result.ema_pseudo_dice}")

@@ -117,6 +117,8 @@ def test_a_checkpoint_on_a_full_disk_says_to_continue_the_run_not_to_run_the_com
     from viseg.training.callbacks import atomic_save_checkpoint
 
     class TrainerOnAFullDisk:  # Lightning's save_checkpoint as a full volume ends it: half a file, then ENOSPC
+        is_global_zero = True
+
         def save_checkpoint(self, path: Path, weights_only: bool = False) -> None:
             Path(path).write_bytes(b"half")
             raise OSError(errno.ENOSPC, "No space left on device", str(path))

@@ -215,12 +215,23 @@ def test_validation_draws_new_patches_every_epoch_reproducibly(folder):
 def test_train_dataloader_takes_the_trainers_epoch_and_rank(folder):
     # epoch 0 and a resumed epoch get their iterator before on_train_epoch_start: the loader sets them itself
     module = datamodule(folder, workers=0)
-    module.trainer = SimpleNamespace(current_epoch=3, global_rank=1)  # what a resumed DDP rank 1 reports
+    module.trainer = SimpleNamespace(current_epoch=3, global_rank=1, world_size=1)  # a resumed rank 1
     loader = module.train_dataloader()
     assert module.train_batches.epoch == 3 and module.train_batches.rank == 1
     resumed = keys(loader)
     module.train_batches.rank = 0
     assert not set(resumed) & set(keys(loader))  # ranks draw different patches
+
+
+def test_a_ddp_rank_draws_its_share_of_the_planned_batch(folder):
+    module = datamodule(folder, workers=0)
+    module.trainer = SimpleNamespace(current_epoch=0, global_rank=1, world_size=2)
+    data, seg = next(iter(module.train_dataloader()))
+    sampler = module.train_batches.sampler  # rank 1's share (distributed.rank_batch): 1 of 2, the forced one
+    assert data.shape[0] == seg.shape[0] == sampler.batch_size == 1 and sampler.global_batch_size == 2
+    assert sampler.first_forced == 0
+    module.trainer = SimpleNamespace(current_epoch=0, global_rank=0, world_size=1)
+    assert next(iter(module.train_dataloader()))[0].shape[0] == 2  # one process again: the whole batch
 
 
 @pytest.mark.slow  # each spawned worker imports torch and lightning again (about 10 s on a small machine)

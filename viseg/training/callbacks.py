@@ -28,7 +28,11 @@ BEST_METRIC = "val/ema_pseudo_dice"
 def atomic_save_checkpoint(trainer: L.Trainer, path: Path, keep_previous: bool = False) -> None:
     """Lightning writes checkpoints in place; a kill mid-write would leave a truncated file that a later
     resume trusts. Write beside it, flush to disk, then rename over the old one (after moving the old one to
-    previous.ckpt when asked: renames only, so every moment has at least one complete checkpoint)."""
+    previous.ckpt when asked: renames only, so every moment has at least one complete checkpoint). Under DDP
+    every rank must call save_checkpoint (it synchronises them), and only rank 0 writes."""
+    if not trainer.is_global_zero:
+        trainer.save_checkpoint(path, weights_only=False)  # writes nothing off rank 0
+        return
     try:
         # the full state (weights_only=False): resuming needs the optimizer too
         write_atomically(path, lambda tmp: trainer.save_checkpoint(tmp, weights_only=False), fsync=True,
@@ -84,11 +88,13 @@ class MetricsHistory(L.Callback):
         self.run_dir = Path(run_dir)
         self.rows: list[dict[str, float]] = []
         self._epoch_start = 0.0
+        self.writes = True
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A resumed run's files start from its checkpoint's history (restored by now): after a fallback to
         previous.ckpt, or a PBT exploit of another trial's checkpoint, the folder's own copy is not the run's."""
-        if self.rows:
+        self.writes = trainer.is_global_zero  # under DDP, rank 0 alone writes the run's files
+        if self.rows and self.writes:
             self._write_csv()
             plot_progress(self.rows, self.run_dir / "progress.png")
 
@@ -99,8 +105,9 @@ class MetricsHistory(L.Callback):
         row = {"epoch": float(trainer.current_epoch), "epoch_time": time.perf_counter() - self._epoch_start}
         row |= {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         self.rows.append(row)
-        self._write_csv()
-        plot_progress(self.rows, self.run_dir / "progress.png")
+        if self.writes:
+            self._write_csv()
+            plot_progress(self.rows, self.run_dir / "progress.png")
 
     def _write_csv(self) -> None:
         keys = list(dict.fromkeys(k for row in self.rows for k in row))
@@ -128,8 +135,11 @@ class TrainingLog(L.Callback):
     def __init__(self, run_dir: Path, history: MetricsHistory, echo: bool = False, notes: tuple[str, ...] = ()):
         self.path, self.history, self.echo = Path(run_dir) / TRAINING_LOG, history, echo
         self.notes = notes  # said once before training starts (e.g. which weights init_from= loaded)
+        self.writes = True
 
     def _write(self, text: str) -> None:
+        if not self.writes:  # under DDP, rank 0 alone keeps the log
+            return
         line = f"{datetime.now().isoformat(sep=' ', timespec='seconds')}  {text}"
         with self.path.open("a", encoding="utf-8") as log:
             log.write(line + "\n")
@@ -137,6 +147,7 @@ class TrainingLog(L.Callback):
             print(line, flush=True)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.writes = trainer.is_global_zero
         for note in self.notes:
             self._write(note)
         start = "continuing at" if trainer.current_epoch else "training from"

@@ -19,6 +19,7 @@ that hook; epoch 0 and a resumed epoch are set by `train_dataloader()` itself).
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,9 @@ from viseg.errors import ConfigError, DatasetError
 from viseg.io.layout import cached_case_files
 from viseg.preprocessing.preprocess import load_arrays
 from viseg.preprocessing.previous_stage import load_previous
+from viseg.training.distributed import rank_batch
 
+log = logging.getLogger(__name__)
 RERUN_FIX = "re-run preprocessing for the dataset; cases without their marker were interrupted or never written"
 
 
@@ -114,6 +117,7 @@ class PatchSampler:
         self.previous_dir = Path(previous_dir) if previous_dir is not None else None
         _require_markers(self.folder, self.case_ids)
         self.batch_size, self.conv_dim = batch_size, conv_dim
+        self.global_batch_size, self.global_oversample = batch_size, oversample_foreground_percent
         self.oversample_keys = tuple(self.labels.foreground_labels if oversample_keys is None else oversample_keys)
         lead = (1,) if conv_dim == 2 else ()  # 2D: a one-slice 3D patch; the singleton axis is dropped at the end
         self.patch = np.array((*lead, *patch_size), dtype=np.int64)
@@ -122,6 +126,13 @@ class PatchSampler:
         self.first_forced = round(batch_size * (1 - oversample_foreground_percent))
         self._cache: dict[str, _Case] = {}
         self._channels: int | None = None
+
+    def share_for_rank(self, rank: int, world_size: int) -> None:
+        """Draw this DDP rank's share of the planned batch, oversampling its share of the forced samples
+        (distributed.rank_batch); world_size 1 restores the whole batch."""
+        batch, oversample = rank_batch(self.global_batch_size, self.global_oversample, rank, world_size)
+        self.batch_size = batch
+        self.first_forced = round(batch * (1 - oversample))
 
     def __getstate__(self) -> dict[str, Any]:
         # a pickled memory map would travel as a full copy: spawned workers open their own maps instead
@@ -261,6 +272,12 @@ class SegmentationDataModule(L.LightningDataModule):
     def _loader(self, batches: TrainingBatches) -> DataLoader:
         if self.trainer is not None:
             batches.rank = self.trainer.global_rank
+            sampler, world = batches.sampler, self.trainer.world_size
+            sampler.share_for_rank(self.trainer.global_rank, world)
+            if world > 1:
+                log.info("rank %d of %d: %d of the %d samples of each batch, %d of them forced to foreground",
+                         self.trainer.global_rank, world, sampler.batch_size, sampler.global_batch_size,
+                         sampler.batch_size - sampler.first_forced)
         workers = self.loader_cfg.num_workers
         return DataLoader(batches, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=self.loader_cfg.pin_memory and torch.cuda.is_available(),

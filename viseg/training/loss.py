@@ -2,9 +2,10 @@
 for region-based plans soft Dice + binary cross-entropy over sigmoid region outputs (`RegionDiceBCELoss`).
 
 Deep supervision weights halve per resolution level and the coarsest output gets weight 0, exactly as
-nnU-Net does; targets for the coarse outputs are downsampled with nearest neighbour so that they stay valid
-label maps. With an `ignore_index` (dataset.json's ignore label, see viseg.data.labels) those voxels are left out
-of both terms, as nnU-Net's DC_and_CE_loss does: cross-entropy skips them and Dice masks them.
+nnU-Net does (1e-6 under DDP, which refuses parameters without a gradient, as nnU-Net does too); targets for
+the coarse outputs are downsampled with nearest neighbour so that they stay valid label maps. With an
+`ignore_index` (dataset.json's ignore label, see viseg.data.labels) those voxels are left out of both terms,
+as nnU-Net's DC_and_CE_loss does: cross-entropy skips them and Dice masks them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from viseg.training.distributed import gather_sum, is_distributed
+
 
 def deep_supervision_scales(strides: Sequence[Sequence[int]]) -> list[list[float]]:
     """Relative size of each decoder output, highest resolution first (nnU-Net's definition)."""
@@ -23,10 +26,13 @@ def deep_supervision_scales(strides: Sequence[Sequence[int]]) -> list[list[float
     return [list(1 / c) for c in cumulative][:-1]
 
 
-def deep_supervision_weights(n_outputs: int) -> list[float]:
+DDP_COARSEST_WEIGHT = 1e-6
+
+
+def deep_supervision_weights(n_outputs: int, distributed: bool = False) -> list[float]:
     weights = np.array([1 / (2**i) for i in range(n_outputs)])
     if n_outputs > 1:
-        weights[-1] = 0
+        weights[-1] = DDP_COARSEST_WEIGHT if distributed else 0
     return (weights / weights.sum()).tolist()
 
 
@@ -48,7 +54,9 @@ class SoftDiceLoss(nn.Module):
 def soft_dice(probs: Tensor, onehot: Tensor, batch_dice: bool, smooth: float = 1e-5,
               mask: Tensor | None = None) -> Tensor:
     """Mean soft Dice over the channels of (B, K, ...) probabilities and targets (nnU-Net's
-    MemoryEfficientSoftDiceLoss, negated); `mask` (B, 1, ...) keeps the voxels that count."""
+    MemoryEfficientSoftDiceLoss, negated); `mask` (B, 1, ...) keeps the voxels that count. Batch Dice under DDP
+    pools every rank's samples, as nnU-Net's all-gather does (summed per rank first, so ranks whose batches
+    differ by one sample gather tensors of one shape)."""
     if mask is not None:
         probs, onehot = probs * mask, onehot * mask
     axes = tuple(range(2, probs.ndim))
@@ -56,6 +64,8 @@ def soft_dice(probs: Tensor, onehot: Tensor, batch_dice: bool, smooth: float = 1
         axes = (0, *axes)
     intersection = (probs * onehot).sum(axes)
     denominator = probs.sum(axes) + onehot.sum(axes)
+    if batch_dice:
+        intersection, denominator = gather_sum(intersection), gather_sum(denominator)
     return ((2 * intersection + smooth) / (denominator + smooth).clamp_min(1e-8)).mean()
 
 
@@ -131,12 +141,13 @@ class DeepSupervisionLoss(nn.Module):
         super().__init__()
         self.loss = loss
         self.weights = deep_supervision_weights(n_outputs)
+        self.ddp_weights = deep_supervision_weights(n_outputs, distributed=True)
 
     def forward(self, outputs: Tensor | Sequence[Tensor], target: Tensor) -> Tensor:
         if isinstance(outputs, Tensor):
             return self.loss(outputs, target)
         total = outputs[0].new_zeros(())
-        for output, weight in zip(outputs, self.weights):
+        for output, weight in zip(outputs, self.ddp_weights if is_distributed() else self.weights):
             if weight == 0:
                 continue
             scaled = target

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from viseg.config import LRSchedulerConfig, OptimizerConfig
 from viseg.errors import TrainingError
 from viseg.schedulers import build_scheduler
+from viseg.training.distributed import all_reduce_sum
 
 Batch = tuple[Tensor, Tensor]
 EMA_DECAY = 0.9
@@ -58,9 +59,10 @@ class SegmentationModule(L.LightningModule):
             raise TrainingError(f"the training loss is {float(loss)} at epoch {self.current_epoch}, step "
                                 f"{batch_idx}: training diverged",
                                 fix="lower optimizer.lr, or clip gradients with trainer.gradient_clip_val")
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=data.shape[0])
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=data.shape[0],
+                 sync_dist=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True,
-                 batch_size=data.shape[0])
+                 batch_size=data.shape[0], sync_dist=True)
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -70,7 +72,8 @@ class SegmentationModule(L.LightningModule):
         data, seg = batch
         output = self.network(data)
         loss = self.loss(output, seg)
-        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=data.shape[0])
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=data.shape[0],
+                 sync_dist=True)
         logits = output[0] if isinstance(output, list | tuple) else output
         if self.region_codes:  # nnU-Net: sigmoid > 0.5 per region, i.e. a positive logit
             counts = region_confusion_counts(logits > 0, seg, self.region_codes, self.ignore_index)
@@ -82,16 +85,16 @@ class SegmentationModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        tp, fp, fn = self._counts
+        tp, fp, fn = all_reduce_sum(self._counts.to(self.device)).cpu()  # every rank's validation patches
         denominator = 2 * tp + fp + fn
         dice = torch.where(denominator > 0, 2 * tp / denominator.clamp_min(1), torch.nan)
         mean = float(torch.nanmean(dice)) if not torch.isnan(dice).all() else 0.0
         self.ema_pseudo_dice = mean if self.ema_pseudo_dice is None else (
             EMA_DECAY * self.ema_pseudo_dice + (1 - EMA_DECAY) * mean)
         for k, value in enumerate(dice.tolist(), start=1):
-            self.log(f"val/pseudo_dice_{k}", 0.0 if value != value else value)
-        self.log("val/mean_pseudo_dice", mean, prog_bar=True)
-        self.log("val/ema_pseudo_dice", self.ema_pseudo_dice, prog_bar=True)
+            self.log(f"val/pseudo_dice_{k}", 0.0 if value != value else value, sync_dist=True)
+        self.log("val/mean_pseudo_dice", mean, prog_bar=True, sync_dist=True)
+        self.log("val/ema_pseudo_dice", self.ema_pseudo_dice, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optimizer_cfg

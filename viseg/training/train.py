@@ -38,6 +38,7 @@ from viseg.provenance import code_changes, code_version
 from viseg.training.cascade import is_cascade, prepare_previous_stage
 from viseg.training.continue_run import is_started, own_prepared
 from viseg.training.init_weights import INIT_REPORT, InitReport, encoder_parameters, initialise_from, source_checkpoint
+from viseg.training.ranks import process_rank
 from viseg.training.resolve import resolve_config
 from viseg.training.tracking import check_store, finish_tracking, tracking_loggers
 from viseg.training.validation import validate_full_cases
@@ -68,10 +69,14 @@ def config_yaml(cfg: BaseConfig) -> str:
 
 
 def accelerator_and_devices(devices: Any) -> tuple[str, Any]:
-    """`devices` as in the training docs ('auto', a count, or a list of GPU indices); CPU when no GPU."""
+    """`devices` as in the training docs ('auto', a count, or a list of GPU indices); CPU when no GPU, where a
+    count above 1 runs DDP on that many CPU processes (gloo), as tests and CPU clusters do."""
     from viseg.inference.device import resolve_device
 
     if resolve_device("auto").type != "cuda":
+        if isinstance(devices, int) and not isinstance(devices, bool) and devices > 1:
+            log.info("no CUDA GPU found: DDP on %d CPU processes (gloo)", devices)
+            return "cpu", devices
         log.info("no CUDA GPU found: training on CPU")
         return "cpu", 1
     if devices in ("auto", None):
@@ -198,6 +203,7 @@ def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progr
     )
 
     accelerator, devices = accelerator_and_devices(cfg.devices)
+    several = (devices if isinstance(devices, int) else len(devices)) > 1
     precision = cfg.trainer.precision
     if precision == "auto":
         precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
@@ -215,7 +221,8 @@ def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progr
     if report is not None:
         callbacks.append(ReportHook(report, history, checkpoint_dir))
     return L.Trainer(
-        accelerator=accelerator, devices=devices, precision=precision, max_epochs=cfg.trainer.max_epochs,
+        accelerator=accelerator, devices=devices, strategy="ddp" if several else "auto", precision=precision,
+        max_epochs=cfg.trainer.max_epochs,
         limit_train_batches=cfg.trainer.iterations_per_epoch, limit_val_batches=cfg.trainer.val_iterations,
         gradient_clip_val=cfg.trainer.gradient_clip_val, num_sanity_val_steps=0, callbacks=callbacks,
         logger=[TensorBoardLogger(run_dir, name="tensorboard", version=""), *tracking_loggers(cfg, run_dir)],
@@ -293,7 +300,9 @@ def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: Repo
     started = time.perf_counter()
     prepared = prepared or prepare(cfg, progress)
     run_dir = run_dir or run_dir_for(cfg, prepared)
-    if resume_from is None and not retry:
+    # under DDP, ranks 1.. start from trainer.fit on rank 0, which has written the run folder by then
+    writer = process_rank() == 0
+    if resume_from is None and not retry and writer:
         _refuse_existing_run(run_dir)
     if resume_from is not None and is_started(run_dir):
         prepared = own_prepared(cfg, run_dir, prepared)
@@ -303,7 +312,8 @@ def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: Repo
     previous = prepare_previous_stage(cfg, prepared, run_dir, progress) if is_cascade(prepared) else None
     # the run folder is written once its data is ready: a failed or killed preprocessing leaves no run behind
     # (the same command then simply runs again), while any later stop leaves one to continue, never to redo
-    _write_run_files(run_dir, cfg, prepared)
+    if writer:
+        _write_run_files(run_dir, cfg, prepared)
     L.seed_everything(cfg.seed + cfg.fold, workers=True, verbose=False)
     module, input_size = build_module(cfg, prepared)
     started_from = _initial_weights(cfg, module, run_dir, source)
@@ -312,6 +322,9 @@ def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: Repo
     trainer = build_trainer(cfg, run_dir, report, progress, _finetune_callbacks(cfg, module, started_from),
                             tuple(notes))
     _fit(trainer, module, datamodule, resume_from)
+    if not writer:  # rank 0 validates and marks the run finished
+        return TrainResult(run_dir=run_dir, epochs=trainer.current_epoch, ema_pseudo_dice=module.ema_pseudo_dice,
+                           validation={"mean_dice": None, "mean_dice_per_class": {}})
     validation_started = time.perf_counter()
     validation = validate_full_cases(module.network, cfg, prepared, folder, run_dir, progress, previous)
     validation_seconds = time.perf_counter() - validation_started
