@@ -17,6 +17,7 @@ from viseg.sweep.parse import parse_request
 from viseg.sweep.search_report import next_command, write_search_report
 from viseg.sweep.stages import start_board, stop_board
 from viseg.sweep.summary import render_table, summarize, write_summary
+from viseg.sweep.train_workers import check_capacity
 from viseg.sweep.tune import build_tuner, init_ray, record_errors, restore_tuner
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,15 @@ def _finish(plan: SweepPlan, results) -> int:
         print(f"\n{len(errors)} trial(s) failed; see {plan.experiment_dir / 'errors.json'}. "
               f"Continue with: python -m viseg.sweep resume={plan.experiment_dir}")
     return code if not errors else 1
+
+
+def _check_capacity(plan: SweepPlan) -> None:
+    import os
+
+    if os.environ.get("RAY_ADDRESS"):  # a cluster may autoscale to fit
+        return
+    resources = plan.settings.resources
+    check_capacity(plan.variants, resources.workers, resources.cpu, resources.gpu)
 
 
 def _fit(plan: SweepPlan, tuner) -> int:
@@ -131,6 +141,7 @@ def _start(plan: SweepPlan) -> int:
     prepare_all(plan)
     save_state(plan)
     init_ray(plan.experiment_dir)
+    _check_capacity(plan)
     return _fit(plan, build_tuner(plan))
 
 
@@ -152,6 +163,7 @@ def resume(experiment: str) -> int:
     plan = load_state(Path(experiment))
     print(render_trials(plan))
     init_ray(plan.experiment_dir)
+    _check_capacity(plan)
     return _fit(plan, restore_tuner(plan))
 
 

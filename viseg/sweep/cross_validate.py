@@ -18,7 +18,7 @@ from viseg.errors import ConfigError
 from viseg.sweep.driver import SweepPlan, load_state
 from viseg.sweep.search_report import read_configurations
 from viseg.sweep.spec import SweepConfig, SweepRequest, parse_folds
-from viseg.sweep.trial import with_params
+from viseg.sweep.trial_setup import with_params
 
 log = logging.getLogger(__name__)
 

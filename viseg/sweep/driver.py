@@ -21,7 +21,8 @@ from viseg.io.jsonio import read_json, write_json_atomic
 from viseg.resources import conf_dir
 from viseg.sweep.spec import SearchAxis, SweepConfig, SweepRequest, parse_folds, variant_name
 from viseg.sweep.stages import CASCADE, previous_stage_overrides
-from viseg.sweep.trial import trial_config
+from viseg.sweep.train_workers import trial_workers
+from viseg.sweep.trial_setup import trial_config
 from viseg.training.init_weights import source_checkpoint
 from viseg.training.tracking import sweep_variant
 
@@ -99,6 +100,7 @@ def plan_sweep(request: SweepRequest) -> SweepPlan:
         variants[name] = OmegaConf.to_yaml(OmegaConf.structured(cfg))
         overrides[name] = variant_overrides
     variants, overrides, previous_stages = _with_previous_stages(request, variants, overrides)
+    _check_workers(request, variants)
     first = compose_variant(settings.config_name, request.fixed)
     folds = parse_folds(settings.search.folds if request.search else settings.folds, first.splits.n_folds)
 
@@ -111,6 +113,15 @@ def plan_sweep(request: SweepRequest) -> SweepPlan:
                      storage_path=str(Path(settings.storage_path).expanduser().resolve()),  # URIs refused in spec
                      variants=variants, overrides=overrides, folds=folds, search=request.search,
                      settings=settings, fixed=list(request.fixed), previous_stages=previous_stages)
+
+
+def _check_workers(request: SweepRequest, variants: dict[str, str]) -> None:
+    """Multi-worker trials are grid trials: a search trial already runs its folds as Ray tasks of its own."""
+    if request.search and any(trial_workers(t, request.settings.resources.workers) > 1 for t in variants.values()):
+        raise ConfigError("a search trains each fold in one process; resources.workers (or devices=N) asks for "
+                          "several Ray Train workers per trial, which only a grid sweep runs",
+                          fix="drop resources.workers / devices= for the search, then cross_validate= the best "
+                              "configuration with them")
 
 
 def _free_name(name: str, taken: set[str]) -> str:

@@ -30,7 +30,7 @@ from viseg.io.atomic import copy_atomically
 from viseg.io.checkpoints import newest_good_checkpoint
 from viseg.io.jsonio import read_json
 from viseg.io.layout import CHECKPOINTS_DIR, FINISHED_MARKER, LAST_CHECKPOINT
-from viseg.sweep.trial import RUN_IDENTITY, checkpoint_files, link_files, trial_config
+from viseg.sweep.trial_setup import RUN_IDENTITY, checkpoint_files, link_files, trial_config
 
 log = logging.getLogger(__name__)
 REPORTED_DIR = "reported"  # <run folder>/reported/epoch_<e>/: an epoch's checkpoint until the trial took it

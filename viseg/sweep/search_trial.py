@@ -28,7 +28,7 @@ from viseg.errors import ConfigError
 from viseg.io.jsonio import read_json
 from viseg.noise import quiet_libraries
 from viseg.sweep.fold_task import REPORTED_DIR, FoldJob, train_fold
-from viseg.sweep.trial import link_files
+from viseg.sweep.trial_setup import link_files
 
 log = logging.getLogger(__name__)
 TRIAL_STATE = "search_trial.json"  # in every trial checkpoint: {"trial_id": writer, "epochs": reported}

@@ -42,6 +42,14 @@ PBT_FIXED_PREFIXES = ("lr_scheduler.", "optimizer.type", "trainer.max_epochs", "
 class ResourcesConfig:
     cpu: float = 1.0
     gpu: float = 0.0  # fractional values share a GPU between trials
+    # Ray Train workers per grid trial (DDP across them, on any nodes), cpu/gpu above then per worker; a variant
+    # with devices=N (an int above 1) trains on N workers whatever this says, so a sweep can mix both
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"resources.workers={self.workers} must be at least 1",
+                              fix="use resources.workers=1 (one process per trial) or more")
 
 
 @dataclass

@@ -10,13 +10,11 @@ never a re-made one (train() sees to it).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from viseg.cli import to_typed
 from viseg.config import BaseConfig
 from viseg.errors import (
     ConfigError,
@@ -29,44 +27,10 @@ from viseg.errors import (
 from viseg.io.atomic import copy_atomically
 from viseg.io.checkpoints import newest_good_checkpoint
 from viseg.io.layout import CHECKPOINTS_DIR, FINISHED_MARKER, LAST_CHECKPOINT
-from viseg.sweep import stages
+from viseg.sweep import stages, train_workers
+from viseg.sweep.trial_setup import RUN_IDENTITY, checkpoint_files, link_files, trial_config
 
 log = logging.getLogger(__name__)
-
-
-def with_params(variant_yaml: str, params: dict[str, Any], extra: dict[str, Any] | None = None) -> BaseConfig:
-    """A composed variant with searched values (and trial specifics) applied, validated like any config."""
-    from omegaconf import OmegaConf
-
-    dotlist = [f"{key}={value}" for key, value in params.items()]
-    merged = OmegaConf.merge(OmegaConf.structured(BaseConfig), OmegaConf.create(variant_yaml),
-                             OmegaConf.from_dotlist(dotlist), extra or {})
-    return to_typed(merged)
-
-
-def trial_config(variant_yaml: str, fold: int, params: dict[str, Any], name: str, results: str) -> BaseConfig:
-    return with_params(variant_yaml, params, {"fold": fold, "name": name, "paths": {"results": results}})
-
-
-RUN_IDENTITY = ("plans.json", "splits.json")  # what a run continues with, wherever it continues
-
-
-def link_files(sources: list[Path], folder: Path) -> None:
-    """Hard links of the files that exist (a copy across filesystems) into `folder`: a checkpoint staged for Ray
-    without copying its bytes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for source in sources:
-        if not source.is_file():
-            continue
-        try:
-            os.link(source, folder / source.name)
-        except OSError:
-            shutil.copy2(source, folder / source.name)
-
-
-def checkpoint_files(run_dir: Path) -> list[Path]:
-    """What a checkpoint of a run must carry: last.ckpt and the run's own plan and split."""
-    return [run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT, *(run_dir / name for name in RUN_IDENTITY)]
 
 
 def _stage_checkpoint(checkpoint_dir: Path) -> str:
@@ -113,12 +77,13 @@ def _resume_checkpoint(run_dir: Path) -> Path | None:
 
 
 def run_trial(config: dict[str, Any], variants: dict[str, str], runs_dir: str,
-              previous_stages: dict[str, str] | None = None) -> None:
+              previous_stages: dict[str, str] | None = None, workers: dict[str, Any] | None = None) -> None:
     """The Tune trainable. A full disk anywhere in the trial (checkpoint, metrics, Ray's own copies) ends it
     with one error that says where and how to go on, recorded like any trial error. `previous_stages`: cascade
-    variant -> its lowres variant (sweep/stages.py)."""
+    variant -> its lowres variant (sweep/stages.py). `workers`: the sweep's resources.workers, cpu, gpu and
+    max_failures, for variants that train on several Ray Train workers (sweep/train_workers.py)."""
     try:
-        _train_trial(config, variants, runs_dir, previous_stages or {})
+        _train_trial(config, variants, runs_dir, previous_stages or {}, workers or {})
     except Exception as exc:
         if is_storage_full(exc) and not isinstance(exc, StorageFullError):
             experiment = Path(runs_dir).parent
@@ -152,7 +117,7 @@ def _trial_run(variant: str, fold: int, variants: dict[str, str], runs_dir: str)
 
 
 def _train_trial(config: dict[str, Any], variants: dict[str, str], runs_dir: str,
-                 previous_stages: dict[str, str]) -> None:
+                 previous_stages: dict[str, str], workers: dict[str, Any]) -> None:
     import ray.tune
 
     from viseg.preprocessing.prepare import prepare
@@ -175,7 +140,15 @@ def _train_trial(config: dict[str, Any], variants: dict[str, str], runs_dir: str
                                                                 _trial_run(lowres, fold, variants, runs_dir)[2]))
     if is_stage:
         ray.get(stages.board(runs_dir).started.remote(stages.stage_key(variant, fold)))
+    count = train_workers.trial_workers(variants[variant], int(workers.get("workers", 1)))
     try:
+        if count > 1:  # Ray Train workers train it; their rank 0 reports to Tune
+            job = train_workers.WorkerJob(variants[variant], fold, name, runs_dir, cfg.previous_stage)
+            train_workers.run_on_workers(job, count, workers.get("cpu", 1.0), workers.get("gpu", 0.0),
+                                         int(workers.get("max_failures", 0)), Path(runs_dir).parent / "ray_train")
+            if is_stage:
+                ray.get(stages.board(runs_dir).finished.remote(stages.stage_key(variant, fold), str(run_dir)))
+            return
         # retry: the folder is this trial's own; the run goes on with its own plan and split (train() reads them)
         result = train(cfg, prepared=prepared, report=_report, resume_from=_resume_checkpoint(run_dir),
                        run_dir=run_dir, progress=False, retry=True)

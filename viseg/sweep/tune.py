@@ -17,6 +17,7 @@ from viseg.sweep.ray_state import ASIDE, UNTRUSTED, SweepTrials, set_aside_damag
 from viseg.sweep.schedulers import search_algorithm, search_scheduler, searched_space
 from viseg.sweep.search_trial import SCORE, run_search_trial
 from viseg.sweep.state_seal import StateSealer, key_path
+from viseg.sweep.train_workers import HEAD_CPU, trial_workers
 from viseg.sweep.trial import run_trial
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,19 @@ def fold_resources(plan: SweepPlan) -> dict[str, float]:
     return {"CPU": float(resources.cpu), "GPU": float(resources.gpu)}
 
 
+def grid_trial_resources(plan: SweepPlan, config: dict[str, Any]) -> Any:
+    """resources.cpu/gpu for a one-process trial. A trial on several Ray Train workers takes a sliver of a CPU
+    for itself: Ray Train places its workers (resources.* each), on any nodes."""
+    from ray import tune
+
+    resources = plan.settings.resources
+    text = plan.variants.get(config.get("variant"), "")
+    if text and trial_workers(text, resources.workers) > 1:
+        return tune.PlacementGroupFactory([{"CPU": HEAD_CPU}])
+    return tune.PlacementGroupFactory([{"CPU": float(resources.cpu),
+                                        **({"GPU": float(resources.gpu)} if resources.gpu else {})}])
+
+
 def trainable(plan: SweepPlan) -> Any:
     """A grid trial trains one fold in the trial's own worker. A search trial reserves one bundle per search
     fold (resources.* each) behind an empty head bundle: its own process only waits and reports, while each
@@ -49,9 +63,11 @@ def trainable(plan: SweepPlan) -> Any:
     runs_dir = str(plan.experiment_dir / EXPERIMENT_RUNS)
     if not plan.search:
         resources = plan.settings.resources
+        workers = {"workers": resources.workers, "cpu": resources.cpu, "gpu": resources.gpu,
+                   "max_failures": plan.settings.max_failures}
         with_data = tune.with_parameters(run_trial, variants=plan.variants, runs_dir=runs_dir,
-                                         previous_stages=plan.previous_stages)
-        return tune.with_resources(with_data, {"cpu": resources.cpu, "gpu": resources.gpu})
+                                         previous_stages=plan.previous_stages, workers=workers)
+        return tune.with_resources(with_data, lambda config: grid_trial_resources(plan, config))
     search = plan.settings.search
     with_data = tune.with_parameters(run_search_trial, variants=plan.variants, runs_dir=runs_dir,
                                      folds=list(plan.folds), metric=search.metric, mode=search.mode,

@@ -153,7 +153,8 @@ class TrainingLog(L.Callback):
         start = "continuing at" if trainer.current_epoch else "training from"
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
         adopted = next((c.changes for c in trainer.callbacks if isinstance(c, AdoptOptimizerSettings)), [])
-        self._write(f"{start} epoch {trainer.current_epoch} of {trainer.max_epochs} on {pl_module.device} "
+        processes = f" x {trainer.world_size} processes (DDP)" if trainer.world_size > 1 else ""
+        self._write(f"{start} epoch {trainer.current_epoch} of {trainer.max_epochs} on {pl_module.device}{processes} "
                     f"({trainer.precision} precision), lr {lr:.4g}"
                     + (f"; changed from the checkpoint: {', '.join(adopted)}" if adopted else ""))
 

@@ -189,7 +189,10 @@ def _loss(cfg: BaseConfig, batch_dice: bool, labels: LabelEncoding) -> Any:
 
 
 def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progress: bool,
-                  extra_callbacks: tuple[Any, ...] = (), notes: tuple[str, ...] = ()) -> Any:
+                  extra_callbacks: tuple[Any, ...] = (), notes: tuple[str, ...] = (), plans: Plans | None = None,
+                  ray_train: bool = False) -> Any:
+    """`plans`: the run's plan (default: its plans.json). `ray_train`: this process is one Ray Train worker of a
+    multi-worker sweep trial, DDP over the process group Ray set up (sweep/train_workers.py)."""
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -202,7 +205,7 @@ def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progr
         TrainingLog,
     )
 
-    accelerator, devices = accelerator_and_devices(cfg.devices)
+    accelerator, devices = accelerator_and_devices(cfg.devices if not ray_train else "auto")
     several = (devices if isinstance(devices, int) else len(devices)) > 1
     precision = cfg.trainer.precision
     if precision == "auto":
@@ -210,24 +213,35 @@ def build_trainer(cfg: BaseConfig, run_dir: Path, report: ReportFn | None, progr
     checkpoint_dir = run_dir / "checkpoints"
     history = MetricsHistory(run_dir)
     # order matters: the history records the epoch, the checkpoint saves it, then the report sees both
-    plans = Plans.load(run_dir / "plans.json").to_dict()
+    plans_dict = (plans or Plans.load(run_dir / "plans.json")).to_dict()
     # `python -m viseg.train` off a terminal prints the log's lines; a sweep trial (report given) does not
     echo = report is None and not sys.stdout.isatty()
     momentum = cfg.optimizer.momentum if cfg.optimizer.type == "SGD" else None
     # AdoptOptimizerSettings before TrainingLog: the start line then shows the learning rate trained with
     callbacks = [AdoptOptimizerSettings(cfg.optimizer.lr, cfg.optimizer.weight_decay, momentum), history,
-                 TrainingLog(run_dir, history, echo, notes), RunCheckpoints(checkpoint_dir, config_yaml(cfg), plans),
+                 TrainingLog(run_dir, history, echo, notes),
+                 RunCheckpoints(checkpoint_dir, config_yaml(cfg), plans_dict),
                  EpochSeeder(), *extra_callbacks]
     if report is not None:
         callbacks.append(ReportHook(report, history, checkpoint_dir))
-    return L.Trainer(
-        accelerator=accelerator, devices=devices, strategy="ddp" if several else "auto", precision=precision,
+    distributed: dict[str, Any] = {"strategy": "ddp" if several else "auto"}
+    if ray_train:
+        from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
+
+        distributed = {"strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()]}
+    trainer = L.Trainer(
+        accelerator=accelerator, devices="auto" if ray_train else devices, **distributed, precision=precision,
         max_epochs=cfg.trainer.max_epochs,
         limit_train_batches=cfg.trainer.iterations_per_epoch, limit_val_batches=cfg.trainer.val_iterations,
         gradient_clip_val=cfg.trainer.gradient_clip_val, num_sanity_val_steps=0, callbacks=callbacks,
         logger=[TensorBoardLogger(run_dir, name="tensorboard", version=""), *tracking_loggers(cfg, run_dir)],
         enable_checkpointing=False,
         enable_progress_bar=progress, enable_model_summary=False, deterministic=False, log_every_n_steps=1)
+    if ray_train:
+        from ray.train.lightning import prepare_trainer
+
+        trainer = prepare_trainer(trainer)
+    return trainer
 
 
 def _initial_weights(cfg: BaseConfig, module: Any, run_dir: Path, source: Path | None) -> InitReport | None:
@@ -262,6 +276,15 @@ def _finetune_callbacks(cfg: BaseConfig, module: Any, started_from: InitReport |
                           cfg.finetune.lr),)
 
 
+def _wait_for_rank_zero() -> None:
+    """A barrier, where a process group already exists (Ray Train sets it up before train() starts; Lightning's
+    own launcher only in trainer.fit, after rank 0 has written the run folder)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def _fit(trainer: Any, module: Any, datamodule: Any, resume_from: Path | None) -> None:
     """trainer.fit, resuming from `resume_from` if given. weights_only: a checkpoint is data, never code
     (viseg checkpoints hold only tensors and plain values), so one that asks to import or call anything is
@@ -282,14 +305,14 @@ def _fit(trainer: Any, module: Any, datamodule: Any, resume_from: Path | None) -
 
 def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: ReportFn | None = None,
           resume_from: Path | None = None, run_dir: Path | None = None, progress: bool = True,
-          retry: bool = False) -> TrainResult:
+          retry: bool = False, ray_train: bool = False) -> TrainResult:
     """Plan and preprocess if needed, train one fold, validate it on whole cases.
 
     `resume_from` (a Lightning checkpoint) continues a run with its optimizer, scheduler, epoch and
     callback state; `run_dir` then names the run folder to continue in, and the run goes on with its own
     plan and split whatever `prepared` holds (see continue_run.own_prepared). `retry`: the caller owns
     `run_dir` (a sweep trial run again), so a folder with nothing to resume from is trained from the start
-    instead of refused.
+    instead of refused. `ray_train`: one worker of a multi-worker sweep trial (sweep/train_workers.py).
     """
     import lightning as L
 
@@ -309,18 +332,22 @@ def train(cfg: BaseConfig, prepared: PreparedDataset | None = None, report: Repo
     cfg = resolve_config(cfg, prepared.plans, prepared.configuration)
     folder = preprocess_dataset(prepared, cfg.num_processes, progress)
     # a cascade's previous-stage inputs are data too: checked and predicted before the run folder exists
-    previous = prepare_previous_stage(cfg, prepared, run_dir, progress) if is_cascade(prepared) else None
+    cascade = is_cascade(prepared)
+    previous = prepare_previous_stage(cfg, prepared, run_dir, progress) if cascade and writer else None
     # the run folder is written once its data is ready: a failed or killed preprocessing leaves no run behind
     # (the same command then simply runs again), while any later stop leaves one to continue, never to redo
     if writer:
         _write_run_files(run_dir, cfg, prepared)
+    _wait_for_rank_zero()  # Ray Train starts every rank at once: the others go on once the folder is written
+    if cascade and not writer:
+        previous = prepare_previous_stage(cfg, prepared, run_dir, progress)  # rank 0 predicted them: found
     L.seed_everything(cfg.seed + cfg.fold, workers=True, verbose=False)
     module, input_size = build_module(cfg, prepared)
     started_from = _initial_weights(cfg, module, run_dir, source)
     datamodule = build_datamodule(cfg, prepared, folder, input_size, previous)
     notes = [*started_from.lines(), *_finetune_note(cfg)] if started_from and source is not None else []
     trainer = build_trainer(cfg, run_dir, report, progress, _finetune_callbacks(cfg, module, started_from),
-                            tuple(notes))
+                            tuple(notes), prepared.plans, ray_train)
     _fit(trainer, module, datamodule, resume_from)
     if not writer:  # rank 0 validates and marks the run finished
         return TrainResult(run_dir=run_dir, epochs=trainer.current_epoch, ema_pseudo_dice=module.ema_pseudo_dice,
