@@ -25,6 +25,8 @@ Sweep settings (a sweep spec in sweeps/<name>.yaml may set them; the command lin
   sweep=<name>|<file.yaml>       load sweeps/<name>.yaml or a spec file (variants, folds, search
                                  space, resources, ...), e.g. a search's best_config.yaml
   resources.cpu=1 resources.gpu=0.5   per trial, per fold in a search (fractional GPUs share a device)
+  resources.workers=2            a grid trial on 2 Ray Train workers (DDP, any nodes; cpu/gpu above per
+                                 worker); a variant's devices=N does the same for that variant alone
   max_concurrent_trials=N  max_failures=2  checkpoints_to_keep=2  num_samples=8
   storage_path=results/sweeps    a folder; on a cluster one mounted at the same path on every node
                                  (NFS, EFS, Lustre, ...); URIs such as s3:// are refused
