@@ -101,8 +101,12 @@ def check_plans(plans: Plans, fingerprint: Fingerprint, architecture: str) -> No
     forward, backward = list(plans.transpose_forward), list(plans.transpose_backward)
     assert sorted(forward) == [0, 1, 2]
     assert [forward[b] for b in backward] == [0, 1, 2] and [backward[f] for f in forward] == [0, 1, 2]
-    # every generated median has > 1 slice; large images also get nnU-Net's 3d_lowres stage
-    assert set(plans.configurations) in ({"3d_fullres", "2d"}, {"3d_fullres", "2d", "3d_lowres"})
+    # every generated median has > 1 slice; large images also get nnU-Net's 3d_lowres stage and its cascade
+    assert set(plans.configurations) in ({"3d_fullres", "2d"}, {"3d_fullres", "2d", "3d_lowres", "3d_cascade_fullres"})
+    if "3d_cascade_fullres" in plans.configurations:  # 3d_fullres's plan, after the lowres stage
+        cascade = plans.configuration("3d_cascade_fullres")
+        assert cascade.previous_stage == "3d_lowres"
+        assert cascade.patch_size == plans.configuration("3d_fullres").patch_size
     full, flat = plans.configuration("3d_fullres"), plans.configuration("2d")
     for plan in plans.configurations.values():
         check_topology(plan, len(plan.patch_size), architecture)
