@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -54,3 +55,11 @@ def run_folders(experiment: Path) -> dict[str, Path]:
 def epochs_in(run_dir: Path) -> list[int]:
     with open(run_dir / "metrics.csv") as handle:
         return [int(float(row["epoch"])) for row in csv.DictReader(handle)]
+
+
+def trial_results(experiment: Path) -> list[dict]:
+    """Every result a grid trial reported to Tune (result.json of each trial folder), oldest first per trial."""
+    rows = []
+    for path in experiment.glob("*_fold*_*/result.json"):
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows

@@ -10,18 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.sweep_runs import epochs_in, kill_session, run_folders, start_sweep, sweep, wait_for
+from tests.sweep_runs import epochs_in, kill_session, run_folders, start_sweep, sweep, trial_results, wait_for
 
 pytestmark = pytest.mark.slow
 
 TINY = ("splits.n_folds=3", "trainer.val_iterations=1", "trainer.iterations_per_epoch=2", "resources.cpu=0.5")
-
-
-def _results(experiment: Path) -> list[dict]:
-    rows = []
-    for path in experiment.glob("*_fold*_*/result.json"):
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows
 
 
 def test_a_two_worker_trial_survives_a_killed_worker_and_resumes_from_its_checkpoint(tmp_path: Path):
@@ -30,9 +23,9 @@ def test_a_two_worker_trial_survives_a_killed_worker_and_resumes_from_its_checkp
     process = start_sweep("folds=0", "resources.workers=2", "trainer.max_epochs=4", *TINY,
                           "trainer.iterations_per_epoch=12", "max_failures=2", "experiment=workers", cwd=tmp_path)
     try:
-        wait_for(lambda: any(r.get("epoch", -1) >= 1 for r in _results(experiment)), process,
+        wait_for(lambda: any(r.get("epoch", -1) >= 1 for r in trial_results(experiment)), process,
                  what="the trial's second epoch")
-        rank0 = _results(experiment)[-1]["worker_pid"]
+        rank0 = trial_results(experiment)[-1]["worker_pid"]
         os.kill(rank0, signal.SIGKILL)
         output, _ = process.communicate(timeout=600)
     finally:
@@ -41,7 +34,7 @@ def test_a_two_worker_trial_survives_a_killed_worker_and_resumes_from_its_checkp
     run = run_folders(experiment)["default/fold_0"]
     assert json.loads((run / "finished.json").read_text())["epochs"] == 4
     assert (run / "validation" / "summary.json").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
-    rows = [r for r in _results(experiment) if "epoch" in r]
+    rows = [r for r in trial_results(experiment) if "epoch" in r]
     assert {r["workers"] for r in rows} == {2}  # every epoch trained by both workers (DDP world size 2)
     assert len({r["worker_pid"] for r in rows}) == 2  # a new rank 0 after the kill ...
     assert epochs_in(run) == [0, 1, 2, 3]  # ... which went on from the checkpoint, not from epoch 0

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from tests.sweep_runs import TINY, epochs_in, kill_session, run_folders, start_sweep, sweep, wait_for
+from tests.sweep_runs import TINY, epochs_in, kill_session, run_folders, start_sweep, sweep, trial_results, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -165,13 +165,6 @@ def test_killed_driver_resumes_unfinished_trials_and_keeps_finished_ones(tmp_pat
     # the trial that had finished before the kill was not touched
     assert {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file()} == finished_state
     assert all(v["folds_finished"] == [0] for v in json.loads((experiment / "summary.json").read_text()))
-
-
-def trial_results(experiment: Path) -> list[dict]:
-    rows = []
-    for path in experiment.glob("*_fold*_*/result.json"):
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows
 
 
 def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path: Path):
