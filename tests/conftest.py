@@ -63,3 +63,15 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from viseg.data.demo import DemoSpec, generate_demo_dataset
 
     return generate_demo_dataset(tmp_path_factory.mktemp("data") / "demo", DemoSpec(n_cases=6), progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Other jobs (and the other xdist worker) share this machine's two cores: two OpenMP threads then spin
+    against them and made the convolutions 5-20x slower than one thread in measurements."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

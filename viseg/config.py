@@ -499,6 +499,24 @@ class PredictConfig:
     save_probabilities: bool = False
     device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda or cuda:<index>
     postprocessing: str | None = None  # a postprocessing.json to apply instead of the one found beside the runs
+    # skip cases whose <case><file_ending> (and, with save_probabilities, <case>.npz) is already in output=;
+    # every output is written under a temporary name and renamed, so an existing one is complete
+    continue_prediction: bool = False
+    # this process predicts cases[part_id::num_parts] of the cases sorted by id (nnU-Net's rule): start
+    # num_parts processes, part_id=0 ... num_parts-1, on one output folder
+    num_parts: int = 1
+    part_id: int = 0
+    # worker processes that read and preprocess the next cases, and revert, postprocess and write finished
+    # ones, while the network predicts (nnU-Net's -npp / -nps); 0 or 1: that step runs in this process; unset:
+    # 2 each when the network runs on a GPU, 0 on the CPU (where the workers would compete with its threads)
+    num_processes_preprocessing: int | None = None
+    num_processes_export: int | None = None
+    # predict with Ray Data across the cluster: true, false, or unset = when RAY_ADDRESS names a cluster
+    ray: bool | None = None
+    # prediction actors; unset: the cluster's GPUs / ray_gpus_per_actor, without GPUs 2 (fewer on fewer CPUs)
+    ray_actors: int | None = None
+    ray_gpus_per_actor: float | None = None  # unset: 1 when the cluster has GPUs (and device is not cpu), else 0
+    ray_cpus_per_actor: float = 1.0  # also the torch threads of a CPU actor (Ray sets OMP_NUM_THREADS)
 
     def __post_init__(self) -> None:
         if self.checkpoint not in WEIGHTS:
@@ -509,6 +527,44 @@ class PredictConfig:
             raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
         if not _DEVICE.match(self.device):
             raise ConfigError(f"device={self.device!r} is not a device", fix="use auto, cpu, cuda or cuda:<index>")
+        self._check_parts()
+        for key in ("num_processes_preprocessing", "num_processes_export"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ConfigError(f"{key}={getattr(self, key)} must be 0 or more",
+                                  fix=f"use {key}=0 (or 1) to run that step in the command's own process, or e.g. "
+                                      f"{key}=2 for two worker processes")
+        self._check_ray()
+
+    def _check_parts(self) -> None:
+        """nnU-Net's -num_parts/-part_id: a part outside 0..num_parts-1 would silently predict nothing."""
+        if self.num_parts < 1:
+            raise ConfigError(f"num_parts={self.num_parts} must be at least 1",
+                              fix="use num_parts=1 (the whole folder), or num_parts=N with part_id=0 ... N-1")
+        if not 0 <= self.part_id < self.num_parts:
+            raise ConfigError(f"part_id={self.part_id} is not a part of num_parts={self.num_parts} (parts are "
+                              f"numbered 0 to {self.num_parts - 1})",
+                              fix=f"use part_id=0 ... part_id={self.num_parts - 1}, one process per part"
+                                  + ("" if self.num_parts > 1 else ", or raise num_parts="))
+
+    def _check_ray(self) -> None:
+        if self.ray_actors is not None and self.ray_actors < 1:
+            raise ConfigError(f"ray_actors={self.ray_actors} must be at least 1",
+                              fix="use e.g. ray_actors=2, or leave it unset (one per GPU of the cluster)")
+        if self.ray_cpus_per_actor <= 0:
+            raise ConfigError(f"ray_cpus_per_actor={self.ray_cpus_per_actor} must be more than 0",
+                              fix="use e.g. ray_cpus_per_actor=1 (a CPU actor's torch threads)")
+        gpus = self.ray_gpus_per_actor
+        if gpus is not None and gpus < 0:
+            raise ConfigError(f"ray_gpus_per_actor={gpus} must be 0 or more",
+                              fix="use ray_gpus_per_actor=1 (one GPU per actor), a fraction such as 0.5 to share "
+                                  "one, or 0 for CPU actors")
+        if gpus and self.device == "cpu":
+            raise ConfigError(f"ray_gpus_per_actor={gpus} with device=cpu reserves GPUs the actors would not use",
+                              fix="drop device=cpu (the actors then predict on their GPU), or set "
+                                  "ray_gpus_per_actor=0")
+        if gpus == 0 and self.device.startswith("cuda"):
+            raise ConfigError(f"device={self.device} with ray_gpus_per_actor=0: Ray gives the actors no GPU",
+                              fix="set ray_gpus_per_actor=1 (or a fraction), or device=auto / device=cpu")
 
 
 MODEL_OPTIONS: dict[str, type[ModelConfig]] = {

@@ -142,3 +142,24 @@ def assert_partial_summary(experiment: Path, finished: int, running: int) -> Non
     assert "* default  1/0" in result.stdout and "still unfinished" in result.stdout, result.stdout
     partial = summary(experiment)["default"]
     assert partial["folds_finished"] == [finished] and running not in partial["folds_finished"], partial
+
+
+def test_prediction_with_ray_spreads_the_cases_over_both_nodes(cluster: LocalCluster, demo: Path):
+    """`viseg predict ray=true` as a driver joining the cluster: its two actors (half a CPU each, so a CPU stays
+    free for reading and writing) land on both nodes, and every case is written to the shared folder."""
+    from tests.helpers import compose_typed, tiny_run
+    from viseg.training.train import train
+
+    work = cluster.shared / "predict"
+    run = train(compose_typed("anatomy_config", tiny_run(demo, work, "trainer.max_epochs=1")), progress=False).run_dir
+    images = work / "images"
+    images.mkdir()
+    for image in sorted((demo / "imagesTr").glob("*_0000.nii.gz"))[:4]:
+        (images / image.name).symlink_to(image)
+    env = cluster.client_env() | {"RAY_ADDRESS": cluster.gcs_address, "RAY_AUTH_MODE": "token"}
+    result = subprocess.run([sys.executable, "-m", "viseg.predict", f"model={run}", f"input={images}",
+                             f"output={work / 'out'}", "ray=true", "ray_actors=2", "ray_cpus_per_actor=0.5",
+                             "device=cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "predicted 4 case(s)" in result.stdout and "on 2 Ray node(s)" in result.stdout, result.stdout
+    assert len(list((work / "out").glob("*.nii.gz"))) == 4

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from tests.helpers import compose_typed, tiny_run
 from viseg.config import PredictConfig
@@ -45,12 +43,8 @@ class Runs:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Two xdist workers share the machine's cores: one OpenMP thread each keeps the convolutions fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread: None) -> None:
+    """Every test of this module with one torch thread (conftest.py says why)."""
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,13 +53,8 @@ DICE_FLOOR = 0.6
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Other jobs share this machine's two cores; two OpenMP threads then spin against them and made the
-    convolutions 5-20x slower than one thread in measurements."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread: None) -> None:
+    """Every test of this module with one torch thread (conftest.py says why)."""
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,10 @@ selection (`best=`) calls `predict_case` directly.
 Each case's inputs are checked before its voxels are read (`check_case_headers`), then for NaN and infinite
 voxels. A case that fails in any way, a MemoryError or a bug included, fails alone: `predict_cases` records
 it and goes on with the others.
+
+Which cases a command predicts: `select_part` (nnU-Net's num_parts/part_id) and `split_finished` (its
+--continue_prediction). `predict_cases` runs the cases one after the other in this process; the same work split
+into stages that overlap runs in `inference.background` (local worker processes) and `inference.cluster` (Ray).
 """
 
 from __future__ import annotations
@@ -46,6 +50,45 @@ class InferenceOptions:
 class PredictionReport:
     predicted: list[str] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)  # case id -> message naming the file
+    skipped: list[str] = field(default_factory=list)  # already in the output folder (continue_prediction)
+    nodes: dict[str, str] = field(default_factory=dict)  # case id -> the Ray node that predicted it (ray=true)
+
+
+def label_file(output: Path, case_id: str, file_ending: str) -> Path:
+    """Where a case's label map goes: `<output>/<case><file_ending>` (the training data's ending)."""
+    return output / f"{case_id}{file_ending}"
+
+
+def probabilities_file(output: Path, case_id: str) -> Path:
+    return output / f"{case_id}.npz"
+
+
+def select_part(cases: list[CaseInput], num_parts: int, part_id: int) -> list[CaseInput]:
+    """nnU-Net's num_parts/part_id: `cases[part_id::num_parts]` of the cases sorted by id. Every process of a
+    split sees the same sorted folder, so the parts cover it exactly once; taken before finished cases are
+    skipped, so that a rerun of a part predicts the same cases as the first run."""
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise ConfigError(f"part_id={part_id} is not a part of num_parts={num_parts}",
+                          fix=f"use part_id=0 ... part_id={max(num_parts, 1) - 1}, one process per part")
+    return sorted(cases, key=lambda c: c.case_id)[part_id::num_parts]
+
+
+def split_finished(cases: list[CaseInput], output: Path, file_ending: str,
+                   save_probabilities: bool = False) -> tuple[list[CaseInput], list[str]]:
+    """(cases still to predict, ids of those already in `output`), nnU-Net's --continue_prediction.
+
+    A label file that exists is complete: `write_segmentation` writes under a hidden temporary name and renames
+    (an interrupted write leaves no `<case><ending>`). With save_probabilities a case is done only when its
+    `.npz`, written after the label file, is there too."""
+    todo, done = [], []
+    for case_input in cases:
+        finished = label_file(output, case_input.case_id, file_ending).is_file() and (
+            not save_probabilities or probabilities_file(output, case_input.case_id).is_file())
+        if finished:
+            done.append(case_input.case_id)
+        else:
+            todo.append(case_input)
+    return todo, done
 
 
 def ensemble_probabilities(ensemble: Ensemble, data: np.ndarray, options: InferenceOptions) -> np.ndarray:
@@ -89,9 +132,7 @@ def predict_case(ensemble: Ensemble, image: np.ndarray, spacing: tuple[float, ..
 
     from viseg.inference.export import revert_geometry
     from viseg.preprocessing.preprocess import preprocess_case
-    if image.shape[0] != ensemble.plans.num_channels:
-        raise DatasetError(f"image has {image.shape[0]} channel(s); the model takes {ensemble.plans.num_channels}",
-                           fix="pass the channels in dataset.json's channel_names order")
+    check_channels(image, ensemble.plans.num_channels)
     if ensemble.groups:
         first, *others = ensemble.groups
         total = np.asarray(predict_case(first, image, spacing, options, case_id), dtype=np.float32)
@@ -132,7 +173,13 @@ def check_postprocessing(postprocessing: Postprocessing | None, ensemble: Ensemb
                           fix="list only predicted label values in largest_component_labels")
 
 
-def _check_finite(case_input: CaseInput, image: np.ndarray) -> None:
+def check_channels(image: np.ndarray, num_channels: int) -> None:
+    if image.shape[0] != num_channels:
+        raise DatasetError(f"image has {image.shape[0]} channel(s); the model takes {num_channels}",
+                           fix="pass the channels in dataset.json's channel_names order")
+
+
+def check_finite(case_input: CaseInput, image: np.ndarray) -> None:
     """NaN or infinite voxels would spread through normalisation into every window that touches them."""
     for channel, source in enumerate(case_input.case.images if case_input.case else ()):
         bad = int(np.count_nonzero(~np.isfinite(image[channel])))
@@ -152,15 +199,15 @@ def predict_one(ensemble: Ensemble, case_input: CaseInput, output: Path, options
         raise DatasetError(case_input.problem or f"case {case_input.case_id} cannot be read")
     check_case_headers(case_input.case, ensemble.plans.num_channels)
     arrays = read_case(case_input.case, with_label=False)
-    _check_finite(case_input, arrays.image)
+    check_finite(case_input, arrays.image)
     probabilities = predict_case(ensemble, arrays.image, arrays.spacing, options, case_input.case_id)
-    target = output / f"{case_input.case_id}{ensemble.file_ending}"
+    target = label_file(output, case_input.case_id, ensemble.file_ending)
     plans = ensemble.plans
     write_segmentation(segment(probabilities, ensemble.label_values, postprocessing, plans.regions_class_order),
                        case_input.case.images[0].path, target)
     if save_probabilities:
         write_probabilities(probabilities, plans.regions_class_order or ensemble.label_values,
-                            output / f"{case_input.case_id}.npz", plans.regions)
+                            probabilities_file(output, case_input.case_id), plans.regions)
     return target
 
 
@@ -182,7 +229,7 @@ def predict_cases(ensemble: Ensemble, cases: list[CaseInput], output: Path, opti
             except Exception as exc:
                 if is_storage_full(exc):  # no later case could be written either: stop, naming the file
                     raise
-                message = str(exc) if isinstance(exc, VisegError) else _unexpected(case_input, exc)
+                message = failure_message(case_input, exc)
                 report.failures[case_input.case_id] = message
                 bar.write(f"viseg predict: {case_input.case_id} failed: {message}", file=sys.stderr)
             else:
@@ -193,7 +240,13 @@ def predict_cases(ensemble: Ensemble, cases: list[CaseInput], output: Path, opti
     return report
 
 
-def _unexpected(case_input: CaseInput, exc: Exception) -> str:
+def failure_message(case_input: CaseInput, exc: BaseException) -> str:
+    """What the report says about a failed case: a VisegError's own message (it names the file and the fix),
+    anything else as an unexpected error with the case's files."""
+    return str(exc) if isinstance(exc, VisegError) else _unexpected(case_input, exc)
+
+
+def _unexpected(case_input: CaseInput, exc: BaseException) -> str:
     """An error viseg did not foresee, with the files it happened on, so that the case can be looked at."""
     log.debug("case %s failed", case_input.case_id, exc_info=exc)
     files = [str(s.path) for s in case_input.case.images] if case_input.case else []
