@@ -63,3 +63,17 @@ def trial_results(experiment: Path) -> list[dict]:
     for path in experiment.glob("*_fold*_*/result.json"):
         rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return rows
+
+
+def kill_after_second_epoch(process: subprocess.Popen, experiment: Path, pid_key: str) -> str:
+    """SIGKILL the process named by `pid_key` in the trial's latest report once it reported epoch 1, then let the
+    sweep finish; its output. The driver and its Ray are killed afterwards whatever happened."""
+    try:
+        wait_for(lambda: any(r.get("epoch", -1) >= 1 for r in trial_results(experiment)), process,
+                 what="the trial's second epoch")
+        os.kill(trial_results(experiment)[-1][pid_key], signal.SIGKILL)
+        output, _ = process.communicate(timeout=600)
+    finally:
+        kill_session(process)
+    return output
+

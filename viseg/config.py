@@ -18,6 +18,7 @@ from viseg.data.pathfinders import PATHFINDERS
 from viseg.errors import ConfigError
 from viseg.io.layout import WEIGHTS, WEIGHTS_HELP
 from viseg.planning.architectures import ARCHITECTURES
+from viseg.planning.plans import CASCADE_CONFIGURATION
 from viseg.schedulers import METRIC_SCHEDULERS, SCHEDULERS
 
 OPTIMIZERS = ("SGD", "AdamW")
@@ -327,7 +328,7 @@ class LossConfig:
 # What `configuration=` may name: viseg.planning.planner.CONFIGURATIONS, repeated because importing the
 # planner here would load scipy and nibabel for every --help (tests/unit/test_plan.py keeps the two equal).
 CONFIGURATION_NAMES = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
-CASCADE_CONFIGURATION = "3d_cascade_fullres"  # planner.CASCADE_STAGE
+
 # Plan values a user may set (the planner keeps them consistent) and values that are always derived.
 PLAN_OVERRIDE_KEYS = ("patch_size", "spacing", "batch_size", "transpose_forward", "transpose_backward")
 DERIVED_TOP_LEVEL_KEYS = ("num_channels", "num_classes")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +13,17 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from tests.sweep_runs import TINY, epochs_in, kill_session, run_folders, start_sweep, sweep, trial_results, wait_for
+from tests.sweep_runs import (
+    TINY,
+    epochs_in,
+    kill_after_second_epoch,
+    kill_session,
+    run_folders,
+    start_sweep,
+    sweep,
+    trial_results,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -171,14 +179,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path: Path):
     experiment = tmp_path / "results" / "sweeps" / "worker"
     process = start_sweep("folds=0", "trainer.max_epochs=4", "trainer.iterations_per_epoch=3", *TINY,
                           "max_failures=2", "experiment=worker", cwd=tmp_path)
-    try:
-        wait_for(lambda: any(r.get("epoch", -1) >= 1 for r in trial_results(experiment)), process,
-                 what="the trial's second checkpoint")
-        worker = trial_results(experiment)[-1]["pid"]
-        os.kill(worker, signal.SIGKILL)
-        output, _ = process.communicate(timeout=600)
-    finally:
-        kill_session(process)
+    output = kill_after_second_epoch(process, experiment, "pid")
     assert process.returncode == 0, output[-4000:]
     run = run_folders(experiment)["default/fold_0"]
     assert json.loads((run / "finished.json").read_text())["epochs"] == 4

@@ -20,7 +20,13 @@ from viseg.errors import ConfigError
 from viseg.planning.architectures import Architecture, PlannerPreset, build_network, get_architecture
 from viseg.planning.fingerprint import Fingerprint
 from viseg.planning.geometry import ANISOTROPY_THRESHOLD, compute_new_shape
-from viseg.planning.plans import ConfigurationPlan, NetworkTopology, Plans
+from viseg.planning.plans import (
+    CASCADE_CONFIGURATION,
+    LOWRES_CONFIGURATION,
+    ConfigurationPlan,
+    NetworkTopology,
+    Plans,
+)
 
 _NORMALIZATION_BY_CHANNEL_NAME = {
     "ct": "CTNormalization",
@@ -34,8 +40,8 @@ CONFIGURATION_BY_DIM = {3: "3d_fullres", 2: "2d"}
 # Every configuration the planner can emit (3d_lowres only for images large against the fullres patch);
 # nnU-Net's 3d_cascade_fullres is not planned: 3d_lowres names it as its next stage for a later cascade.
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
-LOWRES_NEXT_STAGE = "3d_cascade_fullres"
-LOWRES_STAGE = "3d_lowres"
+LOWRES_NEXT_STAGE = CASCADE_CONFIGURATION
+LOWRES_STAGE = LOWRES_CONFIGURATION
 # nnU-Net's 3d_lowres rule (ExperimentPlanner.plan_experiment): a lowres stage is searched when the fullres
 # patch covers under 25 % of the median image, by coarsening the spacing 3 % a step (1.03, not 1.01, keeps
 # the number of memory estimates down), and dropped unless it shrinks the median image at least 2x.

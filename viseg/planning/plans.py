@@ -16,6 +16,9 @@ from viseg.errors import ConfigError
 from viseg.io.jsonio import read_json, write_json_atomic
 
 PLANS_SCHEMA_VERSION = 1
+# nnU-Net's two cascade stages, named once: the planner, the config checks and the sweep read these
+LOWRES_CONFIGURATION = "3d_lowres"
+CASCADE_CONFIGURATION = "3d_cascade_fullres"
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,10 @@ from typing import Any
 
 from viseg.errors import ConfigError
 from viseg.io.layout import FINISHED_MARKER
+from viseg.planning.plans import CASCADE_CONFIGURATION, LOWRES_CONFIGURATION
 
-CASCADE = "3d_cascade_fullres"
-LOWRES = "3d_lowres"
+CASCADE = CASCADE_CONFIGURATION
+LOWRES = LOWRES_CONFIGURATION
 
 
 def stage_key(variant: str, fold: int) -> str:
