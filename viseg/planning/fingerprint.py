@@ -3,7 +3,9 @@
 Per case: crop to the nonzero bounding box, then record spacing, shapes before and after cropping,
 foreground intensities and per-class voxel counts. Foreground intensities are subsampled exactly as
 nnU-Net's DatasetFingerprintExtractor does (1e8 samples over the dataset, drawn with replacement from a
-RandomState(1234) per case), so that the statistics, and hence the plans, agree with nnU-Net's.
+RandomState(1234) per case), so that the statistics, and hence the plans, agree with nnU-Net's. The draws
+are counted per voxel rather than materialised (`ForegroundSample`): the same statistics without sorting 1e8
+floats, which made fingerprinting a 20-case demo take 6 s.
 """
 
 from __future__ import annotations
@@ -91,16 +93,33 @@ def nonzero_bbox(image: np.ndarray) -> tuple[slice, ...]:
     return tuple(bounds)
 
 
-def _foreground_samples(image: np.ndarray, foreground: np.ndarray, num_samples: int) -> list[np.ndarray]:
+@dataclass(frozen=True)
+class ForegroundSample:
+    """nnU-Net's with-replacement intensity sample of one channel of one case, held as the voxels drawn and how
+    often each was drawn. The statistics equal those of the drawn array. This form never holds more values
+    than the array, and on small datasets far fewer: the array holds 1e8 draws from the dataset."""
+
+    values: np.ndarray  # intensities of the foreground voxels drawn at least once
+    counts: np.ndarray  # how often each of them was drawn
+
+
+def _foreground_samples(image: np.ndarray, foreground: np.ndarray, num_samples: int) -> list[ForegroundSample]:
     rs = np.random.RandomState(FOREGROUND_SAMPLE_SEED)
     samples = []
     for channel in image:
         pixels = channel[foreground]
-        samples.append(rs.choice(pixels, num_samples, replace=True) if len(pixels) else pixels[:0])
+        if len(pixels) == 0:
+            samples.append(ForegroundSample(pixels[:0], np.zeros(0, np.int64)))
+            continue
+        # nnU-Net draws rs.choice(pixels, num_samples, replace=True), which is pixels[rs.randint(0, n, size)]:
+        # the same random stream, counted per voxel instead of materialised
+        drawn = np.bincount(rs.randint(0, len(pixels), num_samples), minlength=len(pixels))
+        hit = drawn > 0
+        samples.append(ForegroundSample(pixels[hit], drawn[hit]))
     return samples
 
 
-def analyze_case(args: tuple[Case, int]) -> tuple[CaseFingerprint, list[np.ndarray]]:
+def analyze_case(args: tuple[Case, int]) -> tuple[CaseFingerprint, list[ForegroundSample]]:
     """Fingerprint of one case plus its foreground intensity samples (a worker-process function)."""
     case, num_samples = args
     arrays = read_case(case)
@@ -120,19 +139,35 @@ def analyze_case(args: tuple[Case, int]) -> tuple[CaseFingerprint, list[np.ndarr
     return fingerprint, _foreground_samples(image, label > 0, num_samples)
 
 
-def intensity_statistics(samples: np.ndarray) -> dict[str, float]:
-    if samples.size == 0:
+def intensity_statistics(samples: list[ForegroundSample]) -> dict[str, float]:
+    """nnU-Net's statistics of the concatenated draws of all cases, from the counted form. Percentiles use
+    numpy's default (linear) interpolation between the order statistics of the drawn array."""
+    values = np.concatenate([s.values for s in samples]).astype(np.float64) if samples else np.zeros(0)
+    counts = np.concatenate([s.counts for s in samples]) if samples else np.zeros(0, np.int64)
+    total = int(counts.sum())
+    if total == 0:
         return {k: float("nan") for k in ("mean", "median", "std", "min", "max", "percentile_99_5",
                                           "percentile_00_5")}
-    p005, median, p995 = np.percentile(samples, _PERCENTILES)
+    order = np.argsort(values, kind="stable")
+    values, counts = values[order], counts[order]
+    cumulative = np.cumsum(counts)
+    mean = float(np.dot(values, counts) / total)
+
+    def percentile(q: float) -> float:
+        position = q / 100.0 * (total - 1)
+        below = int(np.floor(position))
+        low, high = values[np.searchsorted(cumulative, [below, min(below + 1, total - 1)], side="right")]
+        return float(low + (high - low) * (position - below))
+
+    p005, median, p995 = (percentile(q) for q in _PERCENTILES)
     return {
-        "mean": float(np.mean(samples)),
-        "median": float(median),
-        "std": float(np.std(samples)),
-        "min": float(np.min(samples)),
-        "max": float(np.max(samples)),
-        "percentile_99_5": float(p995),
-        "percentile_00_5": float(p005),
+        "mean": mean,
+        "median": median,
+        "std": float(np.sqrt(np.dot(counts, (values - mean) ** 2) / total)),
+        "min": float(values[0]),
+        "max": float(values[-1]),
+        "percentile_99_5": p995,
+        "percentile_00_5": p005,
     }
 
 
@@ -149,7 +184,7 @@ def extract_fingerprint(
                            desc="Fingerprinting", progress=progress)
     per_case = [r[0] for r in results]
     stats = {
-        str(c): intensity_statistics(np.concatenate([r[1][c] for r in results]))
+        str(c): intensity_statistics([r[1][c] for r in results])
         for c in range(info.num_channels)
     }
     label_values = sorted(set(info.labels.values()))
